@@ -1,0 +1,303 @@
+"""Small helpers shared by the three scripts: the config system, atomic saves, logging.
+
+Config system (STYLE.md, nanoGPT/timm habits): each script declares one nested dict of
+defaults, one level of sections, where every leaf is ``(default, "help text")`` or
+``(default, "help text", type_or_choices)``. Precedence is defaults < ``--config file.yaml``
+< dotted command-line overrides (``optim.lr=5e-4``). Unknown keys, wrong types and values
+outside the declared choices are errors that name the key before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def split_spec(spec: dict) -> tuple[dict, dict, dict]:
+    """Turn a spec ``{section: {key: (default, help[, type])}}`` into values, helps and types."""
+    values, helps, types = {}, {}, {}
+    for section, leaves in spec.items():
+        values[section] = {}
+        for key, leaf in leaves.items():
+            if not (isinstance(leaf, tuple) and len(leaf) in (2, 3)):
+                raise TypeError(f"spec leaf {section}.{key} must be (default, help[, type])")
+            default, help_text = leaf[0], leaf[1]
+            kind = leaf[2] if len(leaf) == 3 else (type(default) if default is not None else object)
+            values[section][key] = copy.deepcopy(default)
+            helps[f"{section}.{key}"] = help_text
+            types[f"{section}.{key}"] = (kind, default is None)
+    return values, helps, types
+
+
+def _type_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(repr(c) for c in kind)
+    return getattr(kind, "__name__", str(kind))
+
+
+def coerce(key: str, value: Any, kind, optional: bool) -> Any:
+    """Check ``value`` against the declared type of ``key``; return it converted if safe.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` as a string, so floats are parsed deliberately; ints
+    are accepted where floats are expected; bools are never taken for numbers.
+    """
+    if value is None:
+        if optional or kind is object:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {_type_name(kind)})")
+    if isinstance(kind, tuple):  # choices
+        if value in kind:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose {_type_name(kind)}")
+    if kind is object:
+        return value
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list like [1, 2], got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def merge(cfg: dict, updates: dict, types: dict, origin: str) -> None:
+    """Merge a nested ``updates`` dict into ``cfg`` in place, checking every key and type."""
+    for section, leaves in updates.items():
+        if section not in cfg:
+            raise ConfigError(f"{origin}: unknown section {section!r}; known sections: {', '.join(cfg)}")
+        if not isinstance(leaves, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys to values")
+        for key, value in leaves.items():
+            full = f"{section}.{key}"
+            if full not in types:
+                known = ", ".join(sorted(cfg[section]))
+                raise ConfigError(f"{origin}: unknown key {full!r}; keys in {section!r}: {known}")
+            kind, optional = types[full]
+            cfg[section][key] = coerce(full, value, kind, optional)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a config file; ``_base_: other.yaml`` (relative to the file) is merged first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = read_yaml(path.parent / base)
+    for section, leaves in data.items():
+        if isinstance(leaves, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(leaves)
+        else:
+            merged[section] = leaves
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``optim.lr=5e-4`` -> ``{"optim": {"lr": 5e-4}}`` (value parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=5e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return {section: {key: value}}
+
+
+def format_help(spec: dict) -> str:
+    lines = ["config keys (override with section.key=value; defaults shown):"]
+    values, helps, types = split_spec(spec)
+    for section, leaves in values.items():
+        lines.append(f"\n  [{section}]")
+        for key, value in leaves.items():
+            full = f"{section}.{key}"
+            kind, _ = types[full]
+            lines.append(f"    {full} = {json.dumps(value)}  ({_type_name(kind)})")
+            lines.append(f"        {helps[full]}")
+    return "\n".join(lines)
+
+
+def load_config(spec: dict, argv: list[str] | None = None, description: str = "",
+                validate=None, other_sections_ok: bool = False) -> dict:
+    """Parse ``--config``, ``--print-config`` and dotted overrides against ``spec``.
+
+    Returns the resolved nested dict of plain values. ``validate(cfg)`` may raise
+    ConfigError for impossible combinations. ``--print-config`` prints YAML and exits.
+    ``other_sections_ok`` lets a tool that needs only some sections (``data.summary``) read
+    a script's full config file, skipping the sections it does not know.
+    """
+    parser = argparse.ArgumentParser(
+        description=description, epilog=format_help(spec),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with sections of overrides "
+                        "(may name a `_base_` file to start from)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides applied after --config, e.g. optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg, _, types = split_spec(spec)
+        if args.config:
+            updates = read_yaml(args.config)
+            if other_sections_ok:
+                updates = {k: v for k, v in updates.items() if k in cfg}
+            merge(cfg, updates, types, args.config)
+        for text in args.overrides:
+            merge(cfg, parse_override(text), types, "command line")
+        if validate is not None:
+            validate(cfg)
+    except ConfigError as e:
+        parser.exit(2, f"config error: {e}\n")
+    if args.print_config:
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        sys.exit(0)
+    return cfg
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old complete file or the new complete file, never
+    a truncated one under the final name (timm's tmp-then-rename habit, plus fsync).
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_json_line(path: str | os.PathLike, record: dict) -> None:
+    """One JSON object per line, DeiT's ``log.txt`` habit."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def to_plain(obj: Any) -> Any:
+    """Convert numpy/torch scalars, tuples and paths to JSON- and ``weights_only``-safe types."""
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+# ----------------------------------------------------------------------------- misc
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
