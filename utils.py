@@ -62,7 +62,11 @@ def coerce(key: str, value: Any, kind, optional: bool) -> Any:
             return None
         raise ConfigError(f"{key}: null is not allowed (expected {_type_name(kind)})")
     if isinstance(kind, tuple):  # choices
-        if value in kind:
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
+            for word in (("yes", "on", "true") if value else ("no", "off", "false")):
+                if word in kind:
+                    return word
+        if value in kind and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; choose {_type_name(kind)}")
     if kind is object:
@@ -229,6 +233,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -253,6 +258,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -25,3 +25,9 @@ def parity_dir() -> Path:
 def shared_data_dir() -> Path:
     assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA}"
     return SHARED_DATA
+
+# One thread per test process: the machine has 2 cores and tests launch subprocesses too;
+# oversubscribed torch thread pools slow CPU forward passes by an order of magnitude.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

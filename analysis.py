@@ -1,0 +1,426 @@
+"""The paper's analyses of a DeiT-LT student, and the figures that ``evaluate.py`` draws.
+
+Three analyses (DeiT-LT, Rangwani et al., CVPR 2024, sections 4-5), each a pure function of
+tensors so it can be tested on constructed inputs with known answers:
+
+1. **Attention distance** (``AttentionRecorder``, ``attention_statistics``). The paper shows
+   that distilling a CNN makes the early blocks attend locally, like the teacher's
+   convolutions. Definitions, all in *patch units* (multiply by the patch size for pixels):
+
+   - ``mean_distance[block][head]``: mean attention distance of the patch tokens. For a patch
+     query q at grid position p_q, its attention over the patch keys k (renormalised to sum to
+     one over the patches, so the mass a patch puts on the CLS/DIST tokens, which have no
+     position, neither shortens nor lengthens it) weights the Euclidean grid distances:
+     ``d_q = sum_k a_qk ||p_q - p_k|| / sum_k a_qk``; averaged over queries and images.
+     A patch attending only to itself gives 0, uniformly to its 4-neighbours gives 1.
+   - ``mean_distance_raw``: the same without renormalisation (the CLS/DIST mass counts as
+     distance 0), the definition of the widely used ViT notebooks, for comparison with
+     published figures.
+   - ``prefix_attention``: the mean attention mass the patch queries put on CLS and DIST.
+   - ``cls`` / ``dist`` -> ``spread``: the CLS (DIST) token has no position, so instead of a
+     distance we report how spread out its attention over the patches is: with its attention
+     renormalised over the patches, ``w_k``, and its centroid ``c = sum_k w_k p_k``,
+     ``spread = sqrt(sum_k w_k ||p_k - c||^2)`` (the attention-weighted RMS distance of the
+     attended patches from their centroid; 0 when it reads one patch, about 0.41 x the grid
+     side for uniform attention on a square grid).
+   - ``cls`` / ``dist`` -> ``entropy``: ``-sum_k w_k log w_k / log(num_patches)`` (0: one
+     patch, 1: uniform over all patches).
+
+   Attention weights are not exposed by timm's fused scaled-dot-product path, so forward
+   pre-hooks on ``blocks[i].attn`` take the block's normalised input and recompute
+   ``softmax(q k^T * scale)`` with the block's own ``qkv``, ``q_norm`` and ``k_norm``, in
+   float32 (exactly timm's non-fused path, which the tests check).
+
+2. **Feature rank** (``feature_rank``). The pre-head CLS and DIST features over the test
+   set, centred (the mean feature subtracted); from their singular values s_i: the energy
+   fractions ``s_i^2 / sum s^2``, the numbers of components holding 90% and 99% of the
+   energy, and the numerical rank (singular values above ``s_max * max(N, D) * eps32``,
+   numpy's ``matrix_rank`` tolerance for float32 data). The paper links a flat (SAM)
+   teacher to a low-rank DIST feature space.
+
+3. **Agreement** (``agreement``). The share of test images on which two classifiers predict
+   the same class, overall and over the images of head/mid/tail classes: CLS vs DIST, and
+   DIST vs the teacher (on the student's normalised images resized as in training: bicubic,
+   ``antialias=False``, RECIPE section 2).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def grid_positions(grid_size: tuple[int, int]) -> torch.Tensor:
+    """(h*w, 2) float (row, col) positions of the patch tokens, in timm's row-major order."""
+    h, w = grid_size
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1).float()
+
+
+def _token_spread(weights: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spread (RMS distance from the centroid) and normalised entropy of (..., M) weights."""
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+    centroid = weights @ positions                                         # (..., 2)
+    sq = ((positions - centroid.unsqueeze(-2)) ** 2).sum(-1)               # (..., M)
+    spread = (weights * sq).sum(-1).clamp_min(0).sqrt()
+    num_patches = positions.shape[0]
+    entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)
+    entropy = entropy / math.log(num_patches) if num_patches > 1 else torch.zeros_like(entropy)
+    return spread, entropy
+
+
+def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
+                         num_prefix_tokens: int = 2) -> dict[str, torch.Tensor]:
+    """Per-image, per-head statistics of one block's attention probabilities.
+
+    ``attn``: (B, heads, N, N) rows summing to one, tokens ordered [CLS, DIST, patches]
+    (``num_prefix_tokens`` = 2; with 1 there is no DIST statistic). Returns (B, heads)
+    tensors named as in the module docstring.
+    """
+    attn = attn.float()
+    p = num_prefix_tokens
+    positions = grid_positions(grid_size).to(attn.device)
+    distances = torch.cdist(positions, positions)                          # (M, M)
+    patch_to_patch = attn[:, :, p:, p:]                                    # (B, H, M, M)
+    mass = patch_to_patch.sum(-1)                                          # (B, H, M)
+    raw = (patch_to_patch * distances).sum(-1)                             # (B, H, M)
+    stats = {
+        "mean_distance": (raw / mass.clamp_min(1e-30)).mean(-1),
+        "mean_distance_raw": raw.mean(-1),
+        "prefix_attention": (1.0 - mass).mean(-1),
+    }
+    for index, name in enumerate(["cls", "dist"][:p]):
+        spread, entropy = _token_spread(attn[:, :, index, p:], positions)
+        stats[f"{name}_spread"] = spread
+        stats[f"{name}_entropy"] = entropy
+    return stats
+
+
+def attention_probabilities(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Recompute timm ``Attention``'s softmax(q k^T * scale) from its input, in float32."""
+    B, N, _ = x.shape
+    heads, head_dim = attn_module.num_heads, attn_module.qkv.out_features // (3 * attn_module.num_heads)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        weight = attn_module.qkv.weight.float()
+        bias = attn_module.qkv.bias.float() if attn_module.qkv.bias is not None else None
+        qkv = F.linear(x.float(), weight, bias).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+        return ((q * attn_module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+class AttentionRecorder:
+    """Record ``attention_statistics`` of every block of a ViT during its forward passes.
+
+    Use as a context manager around the evaluation loop; after each forward, ``pop()``
+    returns ``{name: (B, depth, heads)}`` for that batch. Nothing is kept across batches,
+    so memory stays at one block's attention matrix.
+    """
+
+    def __init__(self, model: nn.Module, num_prefix_tokens: int | None = None) -> None:
+        self.model = model
+        self.grid_size = tuple(model.patch_embed.grid_size)
+        self.num_prefix_tokens = num_prefix_tokens if num_prefix_tokens is not None else model.num_prefix_tokens
+        self.handles: list = []
+        self.per_block: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            if kwargs.get("attn_mask") is not None:
+                raise NotImplementedError("attention distance with an attention mask is not supported")
+            probs = attention_probabilities(module, args[0])
+            self.per_block[index] = attention_statistics(probs, self.grid_size, self.num_prefix_tokens)
+        return hook
+
+    def __enter__(self) -> "AttentionRecorder":
+        for index, block in enumerate(self.model.blocks):
+            self.handles.append(block.attn.register_forward_pre_hook(self._hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        depth = len(self.model.blocks)
+        if sorted(self.per_block) != list(range(depth)):
+            raise RuntimeError("attention hooks did not see every block in the last forward pass")
+        names = self.per_block[0].keys()
+        out = {name: torch.stack([self.per_block[i][name] for i in range(depth)], dim=1) for name in names}
+        self.per_block = {}
+        return out
+
+
+def summarise_attention(per_image: dict[str, torch.Tensor], patch_size: int,
+                        grid_size: tuple[int, int]) -> dict:
+    """Average the gathered (num_images, depth, heads) statistics into nested lists."""
+    def mean(name: str) -> list:
+        return per_image[name].double().mean(0).tolist()
+
+    out = {
+        "units": "patches",
+        "patch_size": int(patch_size),
+        "grid_size": list(grid_size),
+        "num_samples": int(next(iter(per_image.values())).shape[0]),
+        "mean_distance": mean("mean_distance"),
+        "mean_distance_raw": mean("mean_distance_raw"),
+        "prefix_attention": mean("prefix_attention"),
+    }
+    for token in ("cls", "dist"):
+        if f"{token}_spread" in per_image:
+            out[token] = {"spread": mean(f"{token}_spread"), "entropy": mean(f"{token}_entropy")}
+    return out
+
+
+# ----------------------------------------------------------------------------- feature rank
+
+
+def feature_rank(features: torch.Tensor) -> dict:
+    """Spectrum of the centred (N, D) feature matrix: rank and components for 90%/99% energy."""
+    x = features.double()
+    x = x - x.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    energy = s ** 2
+    total = energy.sum()
+    n, d = x.shape
+    if total <= 0:
+        return {"num_samples": n, "dim": d, "rank": 0, "components_90": 0, "components_99": 0,
+                "energy_fraction": [0.0] * len(s)}
+    fraction = energy / total
+    cumulative = fraction.cumsum(0)
+    # The smallest k whose leading k components hold the share; the tiny slack keeps an exact
+    # 0.9 from failing on the last bit of a float sum.
+    def components(share: float) -> int:
+        return int((cumulative < share - 1e-12).sum().item()) + 1
+
+    tol = s.max() * max(n, d) * torch.finfo(torch.float32).eps
+    return {
+        "num_samples": n,
+        "dim": d,
+        "rank": int((s > tol).sum().item()),
+        "components_90": components(0.90),
+        "components_99": components(0.99),
+        "energy_fraction": fraction.tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def agreement(pred_a: torch.Tensor, pred_b: torch.Tensor, targets: torch.Tensor, groups: dict) -> dict:
+    """Percentage of images where two predictions coincide, overall and per class group."""
+    same = (pred_a.long() == pred_b.long()).double()
+    out = {"overall": 100.0 * same.mean().item() if same.numel() else None}
+    for name in ("head", "mid", "tail"):
+        classes = torch.as_tensor(list(groups.get(name, [])), dtype=torch.long)
+        mask = torch.isin(targets.long(), classes)
+        out[name] = 100.0 * same[mask].mean().item() if mask.any() else None
+    return out
+
+
+def resize_for_teacher(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference's teacher input: the student's batch resized with bicubic, no antialias."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def count_order(train_counts: list[int]) -> list[int]:
+    """Class indices by training count, descending; ties keep the index order (stable)."""
+    return sorted(range(len(train_counts)), key=lambda c: (-train_counts[c], c))
+
+
+def _group_spans(order: list[int], groups: dict) -> list[tuple[str, int, int]]:
+    """Contiguous runs of one group along ``order``: (name, start, end) in plot positions."""
+    member = {c: name for name in ("head", "mid", "tail") for c in groups.get(name, [])}
+    spans: list[tuple[str, int, int]] = []
+    for pos, c in enumerate(order):
+        name = member.get(c, "")
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], pos + 1)
+        else:
+            spans.append((name, pos, pos + 1))
+    return spans
+
+
+def plot_per_class(path: str | Path, per_class: dict[str, list], train_counts: list[int],
+                   groups: dict, title: str = "") -> None:
+    """Per-class accuracy of each head (cls, dist, avg) against the classes' training counts.
+
+    Classes are sorted by training count (most frequent left); grey bars on a log axis give
+    the counts. With many classes a running mean (window C/25) replaces the raw points,
+    which would be an unreadable cloud. The paper's picture: CLS high on the left (head
+    expert), DIST higher on the right (tail expert).
+    """
+    plt = _pyplot()
+    order = count_order(train_counts)
+    num_classes = len(order)
+    x = list(range(num_classes))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    counts_ax = ax.twinx()
+    counts_ax.bar(x, [train_counts[c] for c in order], width=1.0, color="0.85", zorder=0)
+    counts_ax.set_yscale("log")
+    counts_ax.set_ylabel("training images (log)")
+    ax.set_zorder(counts_ax.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    colours = {"cls": "tab:blue", "dist": "tab:orange", "avg": "tab:green", "logits": "tab:purple"}
+    window = max(1, num_classes // 25) if num_classes > 50 else 1
+    for name, values in per_class.items():
+        y = [values[c] if values[c] is not None else float("nan") for c in order]
+        if window > 1:
+            t = torch.tensor(y, dtype=torch.float64)
+            valid = (~t.isnan()).double()
+            kernel = torch.ones(1, 1, window, dtype=torch.float64)
+            num = F.conv1d(t.nan_to_num(0.0).view(1, 1, -1), kernel, padding=window // 2).flatten()
+            den = F.conv1d(valid.view(1, 1, -1), kernel, padding=window // 2).flatten()
+            y = (num / den.clamp_min(1))[:num_classes].tolist()
+            ax.plot(x, y, label=f"{name} (running mean, {window} classes)", color=colours.get(name))
+        else:
+            ax.plot(x, y, marker="o", markersize=3, linewidth=1, label=name, color=colours.get(name))
+    for name, start, end in _group_spans(order, groups):
+        if start > 0:
+            ax.axvline(start - 0.5, color="0.4", linestyle="--", linewidth=0.8)
+        if name:
+            ax.text((start + end - 1) / 2, 101, name, ha="center", va="bottom", fontsize=9)
+    ax.set_xlim(-0.5, num_classes - 0.5)
+    ax.set_ylim(0, 108)
+    ax.set_xlabel("class, sorted by training count")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(path: str | Path, cm: torch.Tensor, train_counts: list[int],
+                   class_names: list[str] | None = None, title: str = "") -> None:
+    """Row-normalised confusion matrix (% of each true class), classes in count order.
+
+    Above 100 classes, cells are averaged over blocks of classes (a 1000 x 1000 image has
+    more cells than a figure has pixels); tick labels and cell values only for 20 or fewer.
+    """
+    plt = _pyplot()
+    order = torch.tensor(count_order(train_counts))
+    cm = cm.double()[order][:, order]
+    rows = 100.0 * cm / cm.sum(1, keepdim=True).clamp_min(1)
+    num_classes = rows.shape[0]
+    block = math.ceil(num_classes / 100)
+    if block > 1:
+        pad = block * math.ceil(num_classes / block) - num_classes
+        padded = F.pad(rows, (0, pad, 0, pad))
+        rows = F.avg_pool2d(padded[None, None], block)[0, 0]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(rows.numpy(), cmap="viridis", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, label="% of the true class")
+    if num_classes <= 20:
+        names = [class_names[c] if class_names else str(c) for c in order.tolist()]
+        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(num_classes), names, fontsize=7)
+        for i in range(num_classes):
+            for j in range(num_classes):
+                value = rows[i, j].item()
+                if value >= 0.5:
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
+                            color="black" if value > 60 else "white")
+    unit = f" (blocks of {block} classes)" if block > 1 else ""
+    ax.set_xlabel("predicted class, by training count" + unit)
+    ax.set_ylabel("true class, by training count" + unit)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(path: str | Path, summary: dict) -> None:
+    """Mean attention distance of the patches per block and head (left), CLS/DIST spread (right)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    depth = len(summary["mean_distance"])
+
+    def scatter(ax, values: list, colour: str, label: str, offset: float = 0.0) -> None:
+        for block, heads in enumerate(values):
+            ax.scatter([block + 1 + offset] * len(heads), heads, s=12, color=colour, alpha=0.7,
+                       label=label if block == 0 else None)
+        ax.plot([b + 1 + offset for b in range(depth)], [sum(h) / len(h) for h in values],
+                color=colour, linewidth=1)
+
+    scatter(left, summary["mean_distance"], "tab:green", "patch tokens")
+    left.set_title("mean attention distance of patches", fontsize=10)
+    for token, colour, offset in (("cls", "tab:blue", -0.1), ("dist", "tab:orange", 0.1)):
+        if token in summary:
+            scatter(right, summary[token]["spread"], colour, token.upper(), offset)
+    right.set_title("spread of CLS / DIST attention over patches", fontsize=10)
+    for ax in (left, right):
+        top = max((float(y) for c in ax.collections for y in c.get_offsets()[:, 1]), default=0.0)
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room above the highest head
+        ax.set_xlim(0.5, depth + 0.5)
+        ax.set_xlabel("block")
+        ax.set_ylabel("patches")
+        ax.set_xticks(range(1, depth + 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_feature_rank(path: str | Path, ranks: dict[str, dict]) -> None:
+    """Cumulative energy of the centred CLS and DIST features against the component count."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {"cls": "tab:blue", "dist": "tab:orange"}
+    for name, info in ranks.items():
+        cumulative = torch.tensor(info["energy_fraction"], dtype=torch.float64).cumsum(0)
+        ax.plot(range(1, len(cumulative) + 1), cumulative.tolist(), color=colours.get(name),
+                label=f"{name.upper()}: 90% in {info['components_90']}, 99% in {info['components_99']}, "
+                      f"rank {info['rank']}")
+    for share in (0.90, 0.99):
+        ax.axhline(share, color="0.5", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of principal components")
+    ax.set_ylabel("share of the feature energy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_agreement(path: str | Path, pairs: dict[str, dict]) -> None:
+    """Grouped bars: agreement of each pair of classifiers overall and per group."""
+    plt = _pyplot()
+    keys: Iterable[str] = ("overall", "head", "mid", "tail")
+    keys = list(keys)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(pairs))
+    for i, (name, values) in enumerate(pairs.items()):
+        xs = [k + i * width for k in range(len(keys))]
+        ax.bar(xs, [values[k] if values[k] is not None else 0.0 for k in keys], width=width, label=name)
+    ax.set_xticks([k + width * (len(pairs) - 1) / 2 for k in range(len(keys))], keys)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("same prediction (% of test images)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

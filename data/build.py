@@ -1,0 +1,204 @@
+"""``build_datasets``: the long-tailed train set and the evaluation set, in the project's labels.
+
+Pipeline (RECIPE section 4):
+1. load the source (``data/sources.py``): labels of every row plus lazily opened images;
+2. CIFAR-10/100-LT: restore the original row order where the source is a known permutation,
+   then draw the reference's exponential (or step) subset, class by class; the labels are
+   then already frequency-sorted, so there is no class map (``class_map = None``);
+   ImageNet-LT / iNaturalist-2018: the source is long-tailed already, no subsetting;
+   ``generic``: subsetting only if ``imb_factor < 1``;
+3. non-CIFAR: sort classes by training count (ties by original label) and remap every label;
+4. optionally hold out part of each class's training images as the validation split;
+5. count the training images per class and form the head / mid / tail groups.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .groups import REFERENCE_RANGES, class_groups
+from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
+from .sources import load_source
+
+DATA_SPEC = {
+    "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
+                              "thresholds", ("cifar10_lt", "cifar100_lt", "imagenet_lt", "inat18", "generic")),
+    "path": (None, "local copy: a folder datasets.load_dataset reads (e.g. ../shared/data/cifar10-jpeg), "
+                   "a save_to_disk folder, or parquet file/folder; null = the hub name", str),
+    "hub_name": (None, "hub dataset name; null = uoft-cs/cifar10 or uoft-cs/cifar100 by dataset", str),
+    "image_column": (None, "image column; null = 'img' for CIFAR, 'image' otherwise", str),
+    "label_column": (None, "label column; null = 'fine_label' for cifar100_lt, 'label' otherwise", str),
+    "train_split": ("train", "training split name"),
+    "val_split": ("test", "evaluation split name (the reference evaluates on the test split)"),
+    "imb_type": ("exp", "CIFAR-style imbalance profile", ("exp", "step")),
+    "imb_factor": (0.01, "n_min / n_max as the reference's --imb_factor, in (0, 1]; 1.0 = keep every "
+                         "image; only for CIFAR-style subsetting (cifar*_lt, generic)", float),
+    "subset_seed": (0, "numpy seed of the subset (the reference: 0)"),
+    "source_order": ("auto", "CIFAR row order before subsetting: 'auto' restores the original pickle "
+                             "order of the hub copy (RECIPE section 4), 'original' insists on it, "
+                             "'as_is' uses the rows as stored", ("auto", "original", "as_is")),
+    "root": (None, "image root the split files' paths are relative to", str),
+    "train_list": (None, "ImageNet-LT / iNat training split file ('relative/path label' lines)", str),
+    "val_list": (None, "ImageNet-LT / iNat evaluation split file", str),
+    "groups": ("reference", "head/mid/tail: the reference's class-index ranges or the count rule "
+                            "(many > 100, few < 20 training images)", ("reference", "count")),
+    "val_holdout": (0.0, "fraction of each class's LT training images held out as the validation split; "
+                         "0 = evaluate on val_split like the reference", float),
+    "num_workers": (2, "DataLoader worker processes"),
+    "input_size": (224, "model input resolution; the transforms resize / crop to it"),
+}
+
+CIFAR = ("cifar10_lt", "cifar100_lt")
+
+
+class LongTailDataset(torch.utils.data.Dataset):
+    """Rows ``source_indices`` of one source split, with labels in the project's class order.
+
+    ``__getitem__`` opens the image (RGB) only when asked, then applies ``transform`` (a plain
+    attribute: evaluation code may swap it). Picklable for DataLoader workers: it holds a
+    memory-mapped ``datasets`` table or a list of file names, never decoded images.
+    """
+
+    def __init__(self, source, source_indices: Sequence[int], targets: Sequence[int], *, split: str,
+                 num_classes: int, class_names: list[str], train_counts: list[int],
+                 class_map: list[int] | None, groups: dict[str, list[int]],
+                 transform: Callable | None = None):
+        self.source = source
+        self.source_indices = [int(i) for i in source_indices]
+        self.targets = [int(t) for t in targets]
+        self.split = split  # which source split source_indices refer to
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.train_counts = train_counts
+        self.class_map = class_map
+        self.groups = groups
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.source.load(self.source_indices[index])
+
+    def __getitem__(self, index: int):
+        img = self.load_image(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def resolve_data_config(data_cfg: dict) -> dict:
+    """``data_cfg`` over DATA_SPEC's defaults, with its values checked; raises ValueError."""
+    unknown = set(data_cfg) - set(DATA_SPEC)
+    if unknown:
+        raise ValueError(f"unknown data keys: {', '.join(sorted(unknown))}; known: {', '.join(DATA_SPEC)}")
+    cfg = {key: leaf[0] for key, leaf in DATA_SPEC.items()}
+    cfg.update(data_cfg)
+    if not 0.0 < float(cfg["imb_factor"]) <= 1.0:
+        raise ValueError(f"data.imb_factor must be in (0, 1] (n_min / n_max), got {cfg['imb_factor']}")
+    if not 0.0 <= float(cfg["val_holdout"]) < 1.0:
+        raise ValueError(f"data.val_holdout must be in [0, 1), got {cfg['val_holdout']}")
+    if cfg["dataset"] not in DATA_SPEC["dataset"][2]:
+        raise ValueError(f"data.dataset={cfg['dataset']!r} is not one of {DATA_SPEC['dataset'][2]}")
+    return cfg
+
+
+def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
+                   eval_transform: Callable | None = None, *,
+                   verbose: bool = True) -> tuple[LongTailDataset, LongTailDataset]:
+    """``(dataset_train, dataset_val)`` for the ``data`` config section (see DATA_SPEC).
+
+    Both return ``(transformed image, project label)`` and carry ``targets``, ``num_classes``,
+    ``class_names``, ``train_counts`` (images per class in the training set as used, i.e.
+    after subsetting and any hold-out), ``class_map``, ``groups`` and ``source_indices`` (rows
+    of the source split named by ``.split``). Missing keys take DATA_SPEC's defaults. Errors
+    (missing files, wrong columns or splits, labels out of range, empty classes) raise before
+    anything is returned. ``verbose=False`` silences the ``[data]`` lines (non-main ranks).
+    """
+    def _log(message: str) -> None:
+        if verbose:
+            print(f"[data] {message}", flush=True)
+
+    cfg = resolve_data_config(data_cfg)
+    dataset = cfg["dataset"]
+    raw = load_source(cfg)
+    _log(f"source: {raw.description}")
+    num_classes = len(raw.class_names)
+    labels = raw.train.labels
+
+    # ---- 2. long-tailed subset (CIFAR-style) or the whole training split
+    imb = float(cfg["imb_factor"])
+    subset_note, order_note = "", None
+    if dataset in CIFAR or (dataset == "generic" and imb < 1.0):
+        order, order_note = (resolve_source_order(labels, dataset, cfg["source_order"]) if dataset in CIFAR
+                             else (None, "source order: rows used as they are"))
+        _log(order_note)
+        canonical = labels if order is None else labels[order]
+        picked, _ = longtail_indices(canonical, num_classes, cfg["imb_type"], imb, cfg["subset_seed"])
+        rows = picked if order is None else order[picked]
+        subset_note = f" after subsetting (imb_type={cfg['imb_type']}, imb_factor={imb})"
+    else:
+        if dataset in ("imagenet_lt", "inat18") and imb != 1.0:
+            _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, every training image used")
+        rows = np.arange(len(labels), dtype=np.int64)
+    row_labels = labels[rows]
+    counts = np.bincount(row_labels, minlength=num_classes)
+    empty = np.where(counts == 0)[0]
+    if len(empty):
+        names = ", ".join(f"{c} ({raw.class_names[c]})" for c in empty[:10])
+        raise ValueError(f"{len(empty)} class(es) have no training images{subset_note}: {names}"
+                         f"{' ...' if len(empty) > 10 else ''}")
+
+    # ---- 3. class order: CIFAR-LT labels are frequency-sorted by construction
+    if dataset in CIFAR:
+        class_map = None
+        targets = row_labels
+        class_names = list(raw.class_names)
+    else:
+        class_map = frequency_class_map(counts)
+        lookup = np.asarray(class_map, dtype=np.int64)
+        targets = lookup[row_labels]
+        class_names = [""] * num_classes
+        for original, project in enumerate(class_map):
+            class_names[project] = raw.class_names[original]
+
+    # ---- 4. evaluation split: the source's val split, or held-out training images
+    train_split = cfg["train_split"] if cfg.get("train_list") is None else "train_list"
+    holdout = float(cfg["val_holdout"])
+    if holdout > 0:
+        keep, held = holdout_split(targets, num_classes, holdout, seed=cfg["subset_seed"])
+        val_source, val_rows, val_targets = raw.train.source, rows[held], targets[held]
+        val_split = train_split
+        rows, targets = rows[keep], targets[keep]
+        _log(f"validation: {len(held)} training images held out ({holdout:.0%} of each class)")
+    else:
+        if raw.val is None:
+            raise ValueError("no evaluation split: set data.val_split / data.val_list, or data.val_holdout > 0")
+        val_source, val_rows = raw.val.source, np.arange(len(raw.val.labels), dtype=np.int64)
+        val_targets = raw.val.labels if class_map is None else np.asarray(class_map)[raw.val.labels]
+        val_split = cfg["val_split"] if cfg.get("train_list") is None else "val_list"
+
+    # ---- 5. counts of the training set actually used, and groups
+    train_counts = np.bincount(targets, minlength=num_classes).tolist()
+    groups = class_groups(dataset, train_counts, cfg["groups"])
+    rule = cfg["groups"]
+    if rule == "reference" and dataset not in REFERENCE_RANGES:
+        rule = "count: generic has no reference ranges"
+    expected = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}.get(dataset)
+    if cfg["groups"] == "reference" and expected not in (None, num_classes):
+        _log(f"WARNING: the reference's group ranges assume {expected} classes, this dataset has "
+             f"{num_classes}: ranges clipped")
+    common = dict(num_classes=num_classes, class_names=class_names, train_counts=train_counts,
+                  class_map=class_map, groups=groups)
+    dataset_train = LongTailDataset(raw.train.source, rows, targets, split=train_split,
+                                    transform=train_transform, **common)
+    dataset_train.source_order_note = order_note  # how the CIFAR subset's row order was chosen
+    dataset_val = LongTailDataset(val_source, val_rows, val_targets, split=val_split,
+                                  transform=eval_transform, **common)
+    _log(f"{dataset}: {num_classes} classes, {len(dataset_train)} training images (max {max(train_counts)}, "
+         f"min {min(train_counts)}), {len(dataset_val)} evaluation images; groups ({rule}) "
+         + ", ".join(f"{k} {len(v)}" for k, v in groups.items()))
+    return dataset_train, dataset_val

@@ -1,0 +1,288 @@
+"""Where images and labels come from: ``datasets`` splits (hub or local copy) or split files.
+
+A source gives, per split, the labels of every row (original label space) and a picklable
+``ImageSource`` that opens row ``i`` as an RGB PIL image on demand. Nothing is decoded up
+front: the ``datasets`` table is memory-mapped Arrow and the image column is read undecoded
+(``Image(decode=False)``), so a DataLoader worker decodes only the rows it is asked for.
+
+Supported sources (``data`` config section):
+- a hub name (``hub_name``, default ``uoft-cs/cifar10`` / ``uoft-cs/cifar100``);
+- ``path``: a folder ``datasets.load_dataset`` reads (the hub layout with parquet files, or an
+  image folder ``split/class/*.png``), a ``save_to_disk`` folder, or a single parquet file
+  (then it is the train split);
+- ``train_list`` / ``val_list`` split files (``relative/path label`` per line, the
+  ImageNet-LT / iNaturalist-2018 format) with images under ``root``.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+HUB_NAMES = {"cifar10_lt": "uoft-cs/cifar10", "cifar100_lt": "uoft-cs/cifar100"}
+IMAGE_COLUMNS = {"cifar10_lt": "img", "cifar100_lt": "img"}  # others: "image"
+LABEL_COLUMNS = {"cifar100_lt": "fine_label"}  # others: "label"
+
+
+def open_rgb(fp: Any, what: str) -> Image.Image:
+    """Open an image file or file object as RGB (RECIPE section 4: ``convert('RGB')``).
+
+    Grayscale, RGBA and palette images are converted. A missing or unreadable image raises an
+    error that names ``what`` (the file path or the split and row), not a bare PIL error.
+    """
+    try:
+        with Image.open(fp) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image not found: {what}") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
+
+
+class HFImageSource:
+    """Images of one ``datasets`` split, read undecoded and opened row by row."""
+
+    def __init__(self, ds, image_column: str, split: str):
+        import datasets
+
+        self.split = split
+        self.image_column = image_column
+        ds = ds.select_columns([image_column])
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, row: int) -> Image.Image:
+        value = self.ds[int(row)][self.image_column]
+        what = f"row {row} of the {self.split!r} split"
+        if isinstance(value, dict):  # datasets Image: {'bytes': ..., 'path': ...}
+            if value.get("bytes") is not None:
+                name = f" ({value['path']})" if value.get("path") else ""
+                return open_rgb(io.BytesIO(value["bytes"]), what + name)
+            if value.get("path"):
+                return open_rgb(value["path"], f"{value['path']} ({what})")
+            raise ValueError(f"cannot read image {what}: neither bytes nor a path stored")
+        if isinstance(value, (bytes, bytearray)):
+            return open_rgb(io.BytesIO(value), what)
+        if isinstance(value, str):
+            return open_rgb(value, f"{value} ({what})")
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        raise ValueError(f"cannot read image {what}: unsupported value of type {type(value).__name__}")
+
+
+class FileListSource:
+    """Images named by a split file, relative to ``root``."""
+
+    def __init__(self, root: str | os.PathLike, paths: list[str]):
+        self.root = str(root)
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, row: int) -> Image.Image:
+        path = os.path.join(self.root, self.paths[int(row)])
+        return open_rgb(path, path)
+
+
+@dataclass
+class RawSplit:
+    """One split as stored: an image source and each row's label (original label space)."""
+
+    source: Any  # HFImageSource or FileListSource
+    labels: np.ndarray  # int64, index into class_names of the RawSource
+    description: str
+
+
+@dataclass
+class RawSource:
+    train: RawSplit
+    val: RawSplit | None
+    class_names: list[str]  # original label space: label i is class_names[i]
+    description: str
+
+
+# ----------------------------------------------------------------------------- split files
+
+
+def read_split_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Parse ``relative/path label`` lines; blank lines and a missing final newline are fine."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    paths, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            parts = text.rsplit(None, 1)  # the label is the last field; paths may hold spaces
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {text!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: the label {parts[1]!r} is not an integer") from None
+            paths.append(parts[0])
+            labels.append(label)
+    if not paths:
+        raise ValueError(f"split file {path} lists no images")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _names_from_paths(paths: list[str], labels: np.ndarray, num_classes: int) -> list[str]:
+    """Class i's name: the parent folder of its first training file (an ImageNet wnid, an
+    iNaturalist category id), or ``str(i)`` where there is none."""
+    names = [str(i) for i in range(num_classes)]
+    seen = set()
+    for p, y in zip(paths, labels.tolist()):
+        if y not in seen and 0 <= y < num_classes:
+            seen.add(y)
+            parent = Path(p).parent.name
+            if parent:
+                names[y] = parent
+    return names
+
+
+def load_split_files(cfg: dict) -> RawSource:
+    """ImageNet-LT / iNaturalist style: ``train_list`` (+ ``val_list``) under ``root``."""
+    if cfg.get("path") is not None:
+        raise ValueError("set either data.path or data.train_list (split files under data.root), not both")
+    if cfg.get("root") is None:
+        raise ValueError("data.train_list needs data.root, the folder the listed paths are relative to")
+    root = Path(cfg["root"]).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root is not a folder: {root}")
+    train_paths, train_labels = read_split_file(cfg["train_list"])
+    num_classes = max(int(train_labels.max()) + 1, 0)
+    class_names = _names_from_paths(train_paths, train_labels, num_classes)
+    splits = {"train": (cfg["train_list"], train_paths, train_labels)}
+    if cfg.get("val_list") is not None:
+        splits["val"] = (cfg["val_list"],) + read_split_file(cfg["val_list"])
+    raw = {}
+    for key, (list_file, paths, labels) in splits.items():
+        bad = np.where((labels < 0) | (labels >= num_classes))[0]
+        if len(bad):
+            raise ValueError(f"{list_file}: {paths[bad[0]]} has label {labels[bad[0]]}, outside the "
+                             f"class range 0..{num_classes - 1} of {cfg['train_list']}")
+        # One stat per split catches a wrong root before training starts; a missing file
+        # further down is reported by __getitem__ with its path.
+        first = root / paths[0]
+        if not first.exists():
+            raise FileNotFoundError(f"{list_file} names {paths[0]}, but {first} does not exist "
+                                    f"(is data.root={cfg['root']} right?)")
+        raw[key] = RawSplit(FileListSource(root, paths), labels, f"{list_file} ({len(paths)} images)")
+    return RawSource(raw["train"], raw.get("val"), class_names, f"split files under {root}")
+
+
+# ----------------------------------------------------------------------------- datasets library
+
+
+def _load_dataset_dict(cfg: dict) -> tuple[dict, str]:
+    """``{split name: datasets.Dataset}`` from the hub or a local copy, and a description."""
+    import datasets
+
+    path = cfg.get("path")
+    if path is None:
+        name = cfg.get("hub_name") or HUB_NAMES.get(cfg["dataset"])
+        if name is None:
+            raise ValueError(f"data.dataset={cfg['dataset']} has no hub copy: set data.path (a local "
+                             f"dataset) or data.train_list + data.root (split files)")
+        try:
+            return dict(datasets.load_dataset(name)), f"hub dataset {name}"
+        except ConnectionError as e:
+            raise ConnectionError(f"could not load {name!r} from the Hugging Face hub ({e}); "
+                                  f"without network set data.path to a local copy") from e
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"data.path does not exist: {p}")
+    if p.is_file():
+        if p.suffix != ".parquet":
+            raise ValueError(f"data.path {p} is a file but not .parquet; give a parquet file, "
+                             f"a folder datasets.load_dataset reads, or a save_to_disk folder")
+        ds = datasets.load_dataset("parquet", data_files={"train": str(p)})
+        return dict(ds), f"parquet file {p} (as the train split)"
+    if (p / "dataset_dict.json").is_file():
+        return dict(datasets.load_from_disk(str(p))), f"save_to_disk folder {p}"
+    if (p / "state.json").is_file():  # a single saved Dataset: the train split
+        return {"train": datasets.load_from_disk(str(p))}, f"save_to_disk folder {p} (as the train split)"
+    return dict(datasets.load_dataset(str(p))), f"local dataset {p}"
+
+
+def _labels_of(ds, label_column: str) -> list:
+    return ds[label_column][:]
+
+
+def load_hf(cfg: dict) -> RawSource:
+    """A ``datasets`` source: checks columns and splits, and puts labels in one index space.
+
+    Label space: a ClassLabel feature gives the class names; integer labels are taken as
+    class indices (``num_classes = max + 1``, as split files); other labels (strings) are
+    mapped to the sorted unique training values.
+    """
+    import datasets
+
+    splits, description = _load_dataset_dict(cfg)
+    dataset = cfg["dataset"]
+    image_column = cfg.get("image_column") or IMAGE_COLUMNS.get(dataset, "image")
+    label_column = cfg.get("label_column") or LABEL_COLUMNS.get(dataset, "label")
+    wanted = [cfg["train_split"]] + ([cfg["val_split"]] if cfg.get("val_holdout", 0.0) == 0 else [])
+    for split in wanted:
+        if split not in splits:
+            raise ValueError(f"split {split!r} not found in {description}; available splits: "
+                             f"{', '.join(splits)} (set data.train_split / data.val_split, or "
+                             f"data.val_holdout > 0 to hold out part of the training set)")
+    train = splits[cfg["train_split"]]
+    for key, column in (("image_column", image_column), ("label_column", label_column)):
+        if column not in train.column_names:
+            raise ValueError(f"data.{key}={column!r} is not a column of {description}; available "
+                             f"columns: {', '.join(train.column_names)}")
+
+    feature = train.features[label_column]
+    train_values = _labels_of(train, label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        class_names = list(feature.names)
+        to_index = None
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in train_values[:1000]):
+        num_classes = int(max(train_values)) + 1 if len(train_values) else 0
+        class_names = [str(i) for i in range(num_classes)]
+        to_index = None
+    else:
+        class_names = sorted({str(v) for v in train_values})
+        lookup = {name: i for i, name in enumerate(class_names)}
+        to_index = lambda values: [lookup.get(str(v), -1) for v in values]  # noqa: E731
+
+    def make_split(name: str, values: list) -> RawSplit:
+        ds = splits[name]
+        if image_column not in ds.column_names or label_column not in ds.column_names:
+            raise ValueError(f"split {name!r} of {description} lacks column {image_column!r} or "
+                             f"{label_column!r}; available: {', '.join(ds.column_names)}")
+        labels = np.asarray(to_index(values) if to_index else values, dtype=np.int64)
+        bad = np.where((labels < 0) | (labels >= len(class_names)))[0]
+        if len(bad):
+            raise ValueError(f"split {name!r} of {description}: row {bad[0]} has label "
+                             f"{values[bad[0]]!r}, outside the {len(class_names)} training classes")
+        return RawSplit(HFImageSource(ds, image_column, name), labels,
+                        f"{description}, split {name!r} ({len(ds)} rows)")
+
+    train_split = make_split(cfg["train_split"], train_values)
+    val_split = None
+    if cfg["val_split"] in splits and cfg.get("val_holdout", 0.0) == 0:
+        val_split = make_split(cfg["val_split"], _labels_of(splits[cfg["val_split"]], label_column))
+    return RawSource(train_split, val_split, class_names, description)
+
+
+def load_source(cfg: dict) -> RawSource:
+    """Split files when ``data.train_list`` is set, else the ``datasets`` source."""
+    if cfg.get("train_list") is not None:
+        return load_split_files(cfg)
+    return load_hf(cfg)

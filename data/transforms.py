@@ -1,0 +1,98 @@
+"""Image transforms (RECIPE section 2) and the ``aug`` config section.
+
+Training, ``train_crop='rrc'``: exactly the reference's timm ``create_transform`` call
+(RandomResizedCrop 0.08-1, flip, RandAugment, ToTensor, Normalize, RandomErasing; colour
+jitter inactive while RandAugment is on). ``train_crop='pad_crop'``: the same pipeline with
+the first step replaced by ``RandomCrop(input_size, padding=4)``, which is what DeiT's own
+``build_transform`` does for inputs of 32 pixels or less; it suits native-resolution CIFAR.
+Evaluation: Resize(int(input_size / eval_crop_ratio), bicubic) + CenterCrop, as DeiT (0.875,
+i.e. 256 -> 224; not timm's 0.9).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torchvision import transforms
+
+AUG_SPEC = {
+    "train_crop": ("rrc", "training crop: 'rrc' = RandomResizedCrop(scale 0.08-1) as timm create_transform "
+                          "(the reference, 32x32 CIFAR upsampled to input_size); 'pad_crop' = "
+                          "RandomCrop(input_size, padding 4) for native-resolution CIFAR", ("rrc", "pad_crop")),
+    "hflip": (0.5, "horizontal flip probability"),
+    "aa": ("rand-m9-mstd0.5-inc1", "timm auto-augment policy (RandAugment string); null = none", object),
+    "color_jitter": (0.3, "colour jitter strength; inactive while aa is set (timm)"),
+    "train_interpolation": ("bicubic", "interpolation of the training crop and RandAugment",
+                            ("bicubic", "bilinear", "nearest", "lanczos", "random")),
+    "reprob": (0.25, "random erasing probability"),
+    "remode": ("pixel", "random erasing fill mode", ("pixel", "rand", "const")),
+    "recount": (1, "random erasing count"),
+    "normalize": ("imagenet", "mean/std: 'imagenet' (the reference, also for CIFAR) or 'cifar' "
+                              "(0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010)", ("imagenet", "cifar")),
+    "eval_crop_ratio": (0.875, "eval: Resize(int(input_size / ratio), bicubic) + CenterCrop(input_size)"),
+    "repeated_aug": (True, "repeated augmentation sampler (each image ra_repeats times per epoch)"),
+    "ra_repeats": (3, "copies of each image per epoch with repeated_aug"),
+    "mixup": (0.8, "mixup alpha (0 = off)"),
+    "cutmix": (1.0, "cutmix alpha (0 = off)"),
+    "mixup_prob": (1.0, "probability of applying mixup or cutmix to a batch"),
+    "mixup_switch_prob": (0.5, "probability of cutmix instead of mixup when both are on"),
+    "mixup_mode": ("batch", "mixup granularity", ("batch", "pair", "elem")),
+    "smoothing": (0.1, "label smoothing"),
+}
+
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
+
+
+def _aa_policy(aa) -> str | None:
+    if aa is None or (isinstance(aa, str) and aa.strip().lower() in ("", "none")):
+        return None
+    if not isinstance(aa, str):
+        raise ValueError(f"aug.aa must be a timm auto-augment string or null, got {aa!r}")
+    return aa
+
+
+def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
+    """PIL image -> normalised tensor of shape (3, input_size, input_size)."""
+    from timm.data import create_transform
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    input_size = int(data_cfg["input_size"])
+    mean, std = NORMALIZATION[aug_cfg["normalize"]]
+    if not is_train:
+        # DeiT: size = int(input_size / eval_crop_ratio); Resize(size, interpolation=3 (bicubic)).
+        ratio = float(aug_cfg["eval_crop_ratio"])
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"aug.eval_crop_ratio must be in (0, 1], got {ratio}")
+        return transforms.Compose([
+            transforms.Resize(int(input_size / ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+
+    # The reference's call (DeiT datasets.build_transform), RECIPE section 2.
+    transform = create_transform(
+        input_size=input_size,
+        is_training=True,
+        hflip=float(aug_cfg["hflip"]),
+        color_jitter=float(aug_cfg["color_jitter"]),
+        auto_augment=_aa_policy(aug_cfg["aa"]),
+        interpolation=aug_cfg["train_interpolation"],
+        re_prob=float(aug_cfg["reprob"]),
+        re_mode=aug_cfg["remode"],
+        re_count=int(aug_cfg["recount"]),
+        mean=mean,
+        std=std,
+    )
+    if aug_cfg["train_crop"] == "pad_crop":
+        # DeiT's build_transform for small inputs: swap the RandomResizedCrop for a padded
+        # random crop; RandAugment keeps timm's hparams for this size (translate 45% of it,
+        # fill with the normalisation mean), so only the crop differs. The images must already
+        # be input_size pixels (native-resolution CIFAR).
+        assert isinstance(transform.transforms[0], RandomResizedCropAndInterpolation)
+        transform.transforms[0] = transforms.RandomCrop(input_size, padding=4)
+    elif aug_cfg["train_crop"] != "rrc":
+        raise ValueError(f"aug.train_crop must be 'rrc' or 'pad_crop', got {aug_cfg['train_crop']!r}")
+    return transform

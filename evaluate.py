@@ -1,0 +1,428 @@
+"""Evaluate a DeiT-LT student or a CNN teacher checkpoint on the long-tailed benchmark's test split.
+
+    python evaluate.py --ckpt runs/c10lt/best_checkpoint.pth --json eval.json --out-dir eval/
+    python evaluate.py --ckpt ../shared/parity/reference_student_checkpoint.pth \
+        data.path=../shared/data/cifar10-jpeg --analysis --teacher runs/teacher/checkpoint.pth
+    accelerate launch --multi_gpu --num_processes 2 evaluate.py --ckpt ... # same numbers
+
+Reports top-1 and top-5, per-class accuracy (from the confusion matrix) and head / mid / tail
+(means of per-class accuracies over the groups' classes, RECIPE section 5) for the CLS head,
+the DIST head and their average (the reported prediction, as the reference); for a teacher,
+for its single head. Every process evaluates a shard; predictions are gathered and
+de-duplicated before any metric is computed (RECIPE section 6, bug 2), so one or several
+processes give identical numbers.
+
+Checkpoints: the project's portable files and the reference's released formats (student,
+LDAM, CE, PaCo teachers), always through ``models.checkpoint.safe_load``
+(``weights_only=True``; a pickle that would run code is refused) and strict loading.
+
+Config precedence: defaults < the checkpoint's stored ``data``/``aug`` sections (project
+files) or what a reference file implies (a CIFAR ResNet-32 teacher: 32x32 input, CIFAR
+normalisation, no resize) < ``--config`` < ``section.key=value`` overrides < the flags.
+A student's input size is its architecture's ``img_size``.
+
+``--analysis`` adds the paper's analyses (``analysis.py``): mean attention distance per block
+and head, CLS/DIST attention spread, the rank of the CLS and DIST features, and the agreement
+of CLS, DIST and (with ``--teacher``) the teacher's predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from utils import ConfigError, atomic_write_text, format_help, git_sha, merge, parse_override, read_yaml, split_spec
+
+import analysis
+from data import AUG_SPEC, DATA_SPEC, build_datasets, build_transform
+from engine import build_accelerator, classification_metrics, collect_logits, confusion_matrix
+from models import CheckpointMismatchError, UnsafeCheckpointError, load_any, load_student, load_teacher, student_logits
+
+EVAL_SPEC = {
+    "batch_size": (128, "images per process and batch"),
+    "mixed_precision": (None, "null = accelerate's choice (launch flag / config file, else no autocast)",
+                        ("no", "bf16", "fp16")),
+    "ema": (False, "evaluate the student's EMA weights (model_ema) instead of model"),
+    "analysis": (False, "run the paper's analyses: attention distance, feature rank, agreement"),
+    "max_samples": (None, "evaluate only this many test images, evenly spaced over the split (quick "
+                          "checks; the numbers are then not the benchmark's)", int),
+    "teacher_input_size": (None, "input size of --teacher; null = its stored data.input_size, else 32 "
+                                 "for resnet32 and 224 otherwise", int),
+}
+SPEC = {"data": DATA_SPEC, "aug": AUG_SPEC, "eval": EVAL_SPEC}
+
+# A reference CIFAR teacher (LDAM-DRW, CE, PaCo code) was trained and tested on 32x32 images
+# normalised with the CIFAR mean/std and no resize; its files carry no config to say so.
+REFERENCE_CIFAR_TEACHER = {"data": {"input_size": 32}, "aug": {"normalize": "cifar", "eval_crop_ratio": 1.0}}
+REFERENCE_FORMATS = ("reference", "ldam", "paco", "plain")
+
+
+class EvalError(RuntimeError):
+    """A problem with the inputs (file, checkpoint, data); the message says what to fix."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a DeiT-LT student or teacher checkpoint: top-1/top-5, per-class and "
+                    "head/mid/tail accuracy of the CLS, DIST and averaged heads.",
+        epilog=format_help(SPEC), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate: the project's "
+                        "checkpoint.pth / best_checkpoint.pth, or a reference student or teacher file")
+    parser.add_argument("--config", default=None, help="YAML config (a training config works: sections "
+                        "other than data, aug and eval are skipped); overrides the checkpoint's stored config")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON here "
+                        "(default with --out-dir: OUT_DIR/eval.json)")
+    parser.add_argument("--out-dir", default=None, metavar="DIR", help="write per_class_accuracy.png, "
+                        "confusion_matrix.png (and the analyses' JSON and PNG files) here")
+    parser.add_argument("--analysis", action="store_true", help="also run the paper's analyses (students "
+                        "only; same as eval.analysis=true)")
+    parser.add_argument("--teacher", default=None, metavar="PATH", help="a teacher checkpoint for the "
+                        "DIST-vs-teacher agreement analysis (implies --analysis)")
+    parser.add_argument("--ema", action="store_true", help="evaluate the student's EMA weights "
+                        "(same as eval.ema=true)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per process "
+                        "and batch (same as eval.batch_size=N)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides applied after --config, e.g. data.path=../shared/data/cifar10-jpeg")
+    return parser
+
+
+def resolve_config(stored: dict | None, implied: dict, config_path: str | None,
+                   overrides: list[str]) -> tuple[dict, set[str]]:
+    """defaults < stored data/aug < implied < --config < overrides; also the keys set explicitly.
+
+    ``stored`` keys unknown to this version's spec are skipped (a checkpoint may be older or
+    newer than the code); everything the user gives is checked strictly.
+    """
+    cfg, _, types = split_spec(SPEC)
+    for section in ("data", "aug"):
+        known = {k: v for k, v in ((stored or {}).get(section) or {}).items() if f"{section}.{k}" in types}
+        merge(cfg, {section: known}, types, "the checkpoint's stored config")
+    merge(cfg, implied, types, "the checkpoint's format")
+    explicit: set[str] = set()
+    layers = []
+    if config_path:
+        layers.append((config_path, {k: v for k, v in read_yaml(config_path).items() if k in cfg}))
+    layers += [("command line", parse_override(text)) for text in overrides]
+    for origin, update in layers:
+        merge(cfg, update, types, origin)
+        explicit |= {f"{s}.{k}" for s, leaves in update.items() for k in leaves}
+    return cfg, explicit
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path: str, ema: bool) -> tuple[torch.nn.Module, dict]:
+    """A student or teacher from ``path``, strictly and safely loaded; EvalError otherwise."""
+    if not Path(path).is_file():
+        raise EvalError(f"checkpoint not found: {path}")
+    try:
+        return load_student(path, ema=True) if ema else load_any(path)
+    except UnsafeCheckpointError as e:
+        raise EvalError(f"{e}\nNothing in the file was executed.") from None
+    except (CheckpointMismatchError, ValueError, KeyError, RuntimeError) as e:
+        raise EvalError(f"cannot load {path}: {e}") from None
+
+
+def stored_config(info: dict) -> dict | None:
+    """The project's checkpoints hold the resolved training config; reference files do not."""
+    if info.get("format") != "project":
+        return None
+    return info.get("config") or info.get("args")
+
+
+def class_permutation(model_map: list | None, data_map: list | None, num_classes: int,
+                      original_labels: bool) -> torch.Tensor | None:
+    """Column order that puts a model's logits into the evaluation data's class order.
+
+    A class map sends an original label to a project index (classes sorted by count). A
+    model without one predicts in the data's order, except reference teachers, which were
+    trained on original labels (RECIPE section 2: ImageNet-LT teachers go through class_map).
+    Returns None when no reordering is needed.
+    """
+    identity = list(range(num_classes))
+    data_map = data_map if data_map is not None else identity
+    if model_map is None:
+        model_map = identity if original_labels else data_map
+    if sorted(model_map) != identity or sorted(data_map) != identity:
+        raise EvalError("class maps of the checkpoint and the data are not permutations of the same classes")
+    perm = [0] * num_classes
+    for original in range(num_classes):
+        perm[data_map[original]] = model_map[original]
+    return None if perm == identity else torch.tensor(perm)
+
+
+def teacher_input_size(info: dict, configured: int | None) -> int:
+    if configured is not None:
+        return configured
+    stored = stored_config(info) or {}
+    if (stored.get("data") or {}).get("input_size"):
+        return int(stored["data"]["input_size"])
+    return 32 if info["arch"]["arch"] == "resnet32" else 224
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | None,
+                 teacher_size: int | None, analyse: bool) -> tuple[Callable, contextlib.ExitStack]:
+    """``forward(model, images) -> dict`` of logits (plus features and attention statistics
+    for the analyses), and the context that holds the analysis hooks."""
+    hooks = contextlib.ExitStack()
+    features: dict[str, torch.Tensor] = {}
+    recorder = None
+    if analyse:
+        recorder = hooks.enter_context(analysis.AttentionRecorder(model))
+        # The pre-head features are read off the heads' inputs, so they are exactly what
+        # produced the logits whatever the forward does before.
+        for name, head in (("cls", model.head), ("dist", model.head_dist)):
+            handle = head.register_forward_pre_hook(lambda m, args, name=name: features.__setitem__(name, args[0]))
+            hooks.callback(handle.remove)
+
+    def forward(model, images):
+        if kind == "teacher":
+            return {"logits": model(images)}
+        cls_logits, dist_logits = student_logits(model, images)
+        out = {"cls": cls_logits, "dist": dist_logits, "avg": (cls_logits + dist_logits) / 2}
+        if recorder is not None:
+            out.update({f"feat_{k}": v for k, v in features.items()})
+            out.update({f"attn_{k}": v for k, v in recorder.pop().items()})
+        if teacher is not None:
+            out["teacher"] = teacher(analysis.resize_for_teacher(images, teacher_size))
+        return out
+
+    return forward, hooks
+
+
+def run_analyses(outputs: dict, targets: torch.Tensor, groups: dict, num_classes: int,
+                 model: torch.nn.Module, arch: dict) -> dict:
+    """The paper's analyses on the gathered outputs (see analysis.py for the definitions)."""
+    attention = {k[len("attn_"):]: v for k, v in outputs.items() if k.startswith("attn_")}
+    result = {
+        "attention": analysis.summarise_attention(attention, arch["patch_size"], model.patch_embed.grid_size),
+        "feature_rank": {name: analysis.feature_rank(outputs[f"feat_{name}"]) for name in ("cls", "dist")},
+    }
+    preds = {name: outputs[name].argmax(1) for name in ("cls", "dist", "avg")}
+    pairs = {"cls_vs_dist": analysis.agreement(preds["cls"], preds["dist"], targets, groups)}
+    if "teacher" in outputs:
+        preds["teacher"] = outputs["teacher"].argmax(1)
+        for name in ("dist", "cls", "avg"):
+            pairs[f"{name}_vs_teacher"] = analysis.agreement(preds[name], preds["teacher"], targets, groups)
+        result["teacher"] = classification_metrics(outputs["teacher"], targets, groups, num_classes)
+    result["agreement"] = pairs
+    return result
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_report(results: dict) -> str:
+    """The readable table printed at the end."""
+    def fmt(v):
+        return f"{v:6.1f}" if v is not None else "     -"
+
+    groups = results["groups"]
+    lines = [
+        f"checkpoint  {results['checkpoint']} ({results['kind']}, {results['format']} format, "
+        f"epoch {results['epoch']}, weights {results['weights']})",
+        f"data        {results['dataset']} split {results['split']!r}: {results['num_samples']} images, "
+        f"{len(results['class_names'])} classes; groups ({results['group_rule']}) "
+        + ", ".join(f"{g} {len(groups[g])}" for g in ("head", "mid", "tail")),
+        f"processes   {results['world_size']}",
+        "",
+        f"{'':8}" + "".join(f" {title:>6}" for title in ("top-1", "top-5", "head", "mid", "tail")),
+    ]
+    heads = [h for h in ("cls", "dist", "avg", "logits") if h in results]
+    for h in heads:
+        lines.append(f"{h:8}" + "".join(f" {fmt(results[h][k])}" for k in ("top1", "top5", "head", "mid", "tail")))
+    if len(results["class_names"]) <= 20:  # per-class rows stay readable for CIFAR-10-sized label sets
+        member = {c: g for g in ("head", "mid", "tail") for c in groups[g]}
+        lines += ["", f"{'class':<14}{'train':>7}  {'group':<6}" + "".join(f" {h:>6}" for h in heads)]
+        for c, name in enumerate(results["class_names"]):
+            lines.append(f"{name[:13]:<14}{results['train_counts'][c]:>7}  {member.get(c, ''):<6}"
+                         + "".join(f" {fmt(results[h]['per_class'][c])}" for h in heads))
+    extra = results.get("analysis")
+    if extra:
+        att, ranks = extra["attention"], extra["feature_rank"]
+        per_block = ", ".join(f"{sum(b) / len(b):.2f}" for b in att["mean_distance"])
+        lines += ["", f"mean attention distance of patches per block (patches): {per_block}"]
+        for token in ("cls", "dist"):
+            spread = ", ".join(f"{sum(b) / len(b):.2f}" for b in att[token]["spread"])
+            lines.append(f"{token.upper()} attention spread per block (patches): {spread}")
+        for token in ("cls", "dist"):
+            r = ranks[token]
+            lines.append(f"{token.upper()} features: rank {r['rank']} of {r['dim']}, 90% energy in "
+                         f"{r['components_90']}, 99% in {r['components_99']} components")
+        for pair, a in extra["agreement"].items():
+            lines.append(f"agreement {pair}: {fmt(a['overall']).strip()}% (head {fmt(a['head']).strip()}, "
+                         f"mid {fmt(a['mid']).strip()}, tail {fmt(a['tail']).strip()})")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_dir: str | None) -> None:
+    title = f"{Path(results['checkpoint']).name}: {results['dataset']}, {results['num_samples']} images"
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        per_class = {h: results[h]["per_class"] for h in ("cls", "dist", "avg", "logits") if h in results}
+        analysis.plot_per_class(out / "per_class_accuracy.png", per_class, results["train_counts"],
+                                results["groups"], title)
+        analysis.plot_confusion(out / "confusion_matrix.png", cm, results["train_counts"],
+                                results["class_names"], f"{title} ({results['prediction']})")
+        extra = results.get("analysis")
+        if extra:
+            analysis.plot_attention(out / "attention_distance.png", extra["attention"])
+            analysis.plot_feature_rank(out / "feature_rank.png", extra["feature_rank"])
+            analysis.plot_agreement(out / "agreement.png", extra["agreement"])
+            for name in ("attention", "feature_rank", "agreement"):
+                atomic_write_text(out / f"analysis_{name}.json", json.dumps(extra[name], indent=1))
+        json_path = json_path or str(out / "eval.json")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(results, indent=1))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return evaluate_checkpoint(args)
+    except (EvalError, ConfigError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    # ---------------------------------------------------------------- checkpoint and config
+    flags = []
+    if args.analysis or args.teacher:
+        flags.append("eval.analysis=true")
+    if args.ema:
+        flags.append("eval.ema=true")
+    if args.batch_size is not None:
+        flags.append(f"eval.batch_size={args.batch_size}")
+    model, info = load_checkpoint(args.ckpt, ema=args.ema)
+    kind, arch = info["kind"], info["arch"]
+    implied: dict = {}
+    if kind == "teacher" and info["format"] in REFERENCE_FORMATS and arch["arch"] == "resnet32":
+        implied = REFERENCE_CIFAR_TEACHER
+    cfg, explicit = resolve_config(stored_config(info), implied, args.config, args.overrides + flags)
+    if kind == "student":  # a ViT's position embedding fixes its input size
+        if "data.input_size" in explicit and cfg["data"]["input_size"] != arch["img_size"]:
+            raise EvalError(f"data.input_size={cfg['data']['input_size']} but the checkpoint's student "
+                            f"takes {arch['img_size']}x{arch['img_size']} images (arch img_size)")
+        cfg["data"]["input_size"] = arch["img_size"]
+    if cfg["eval"]["analysis"] and kind != "student":
+        raise EvalError("--analysis needs a student checkpoint (attention, CLS/DIST features)")
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+
+    accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"]})
+    main_process = accelerator.is_main_process
+    log = accelerator.print
+
+    # ---------------------------------------------------------------- data
+    eval_transform = build_transform(False, cfg["data"], cfg["aug"])
+    quiet = contextlib.nullcontext() if main_process else contextlib.redirect_stdout(io.StringIO())
+    try:
+        with quiet:
+            dataset_train, dataset_val = build_datasets(cfg["data"], None, eval_transform)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        raise EvalError(f"cannot build the data: {e}") from None
+    num_classes = dataset_val.num_classes
+    if arch["num_classes"] != num_classes:
+        raise EvalError(f"class count mismatch: the checkpoint predicts {arch['num_classes']} classes, "
+                        f"the data ({cfg['data']['dataset']}) has {num_classes}")
+    perm = class_permutation(info.get("class_map"), dataset_val.class_map, num_classes,
+                             original_labels=kind == "teacher" and info["format"] in REFERENCE_FORMATS)
+    dataset = dataset_val
+    if cfg["eval"]["max_samples"] is not None and cfg["eval"]["max_samples"] < len(dataset_val):
+        n = cfg["eval"]["max_samples"]
+        dataset = Subset(dataset_val, [i * len(dataset_val) // n for i in range(n)])
+    data_loader = DataLoader(dataset, batch_size=cfg["eval"]["batch_size"], shuffle=False,
+                             num_workers=cfg["data"]["num_workers"], pin_memory=torch.cuda.is_available(),
+                             drop_last=False)
+    data_loader = accelerator.prepare(data_loader)
+
+    # ---------------------------------------------------------------- teacher (agreement analysis)
+    teacher, teacher_size, teacher_perm = None, None, None
+    if args.teacher:
+        if not Path(args.teacher).is_file():
+            raise EvalError(f"teacher checkpoint not found: {args.teacher}")
+        try:
+            teacher, teacher_info = load_teacher(args.teacher)
+        except UnsafeCheckpointError as e:
+            raise EvalError(f"{e}\nNothing in the file was executed.") from None
+        except (CheckpointMismatchError, ValueError, KeyError, RuntimeError) as e:
+            raise EvalError(f"cannot load teacher {args.teacher}: {e}") from None
+        if teacher_info["arch"]["num_classes"] != num_classes:
+            raise EvalError(f"class count mismatch: the teacher predicts {teacher_info['arch']['num_classes']} "
+                            f"classes, the data has {num_classes}")
+        teacher_size = teacher_input_size(teacher_info, cfg["eval"]["teacher_input_size"])
+        teacher_perm = class_permutation(teacher_info.get("class_map"), dataset_val.class_map, num_classes,
+                                         original_labels=teacher_info["format"] in REFERENCE_FORMATS)
+        teacher = teacher.to(accelerator.device).eval()
+
+    # ---------------------------------------------------------------- evaluation
+    model = model.to(accelerator.device).eval()
+    log(f"evaluating {args.ckpt} ({kind}, {info['format']} format) on {len(dataset)} images, "
+        f"{accelerator.num_processes} process(es), device {accelerator.device}, git {git_sha()}")
+    forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"])
+    with hooks:
+        outputs, targets = collect_logits(model, data_loader, accelerator, forward)
+    for key in ("cls", "dist", "avg", "logits"):
+        if key in outputs and perm is not None:
+            outputs[key] = outputs[key][:, perm]
+    if "teacher" in outputs and teacher_perm is not None:
+        outputs["teacher"] = outputs["teacher"][:, teacher_perm]
+
+    groups = dataset_val.groups
+    heads = ("cls", "dist", "avg") if kind == "student" else ("logits",)
+    metrics = {h: classification_metrics(outputs[h], targets, groups, num_classes) for h in heads}
+    prediction = "avg" if kind == "student" else "logits"
+    results = {
+        "kind": kind, "checkpoint": str(args.ckpt), "format": info["format"], "epoch": info.get("epoch"),
+        "weights": info.get("weights", "model"), "prediction": prediction,
+        "overall": metrics[prediction]["top1"], "top5": metrics[prediction]["top5"],
+        "head": metrics[prediction]["head"], "mid": metrics[prediction]["mid"],
+        "tail": metrics[prediction]["tail"],
+        **metrics,
+        "num_samples": int(targets.numel()), "world_size": accelerator.num_processes,
+        "dataset": cfg["data"]["dataset"], "split": dataset_val.split, "group_rule": cfg["data"]["groups"],
+        "groups": groups, "class_names": dataset_val.class_names, "train_counts": dataset_val.train_counts,
+        "arch": arch, "config": cfg,
+    }
+    if cfg["eval"]["analysis"]:
+        results["analysis"] = run_analyses(outputs, targets, groups, num_classes, model, arch)
+        if teacher is not None:
+            results["analysis"]["teacher_checkpoint"] = str(args.teacher)
+            results["analysis"]["teacher_input_size"] = teacher_size
+
+    # ---------------------------------------------------------------- report
+    if main_process:
+        print(format_report(results))
+        cm = confusion_matrix(outputs[prediction].argmax(1), targets, num_classes)
+        write_outputs(results, cm, args.json, args.out_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears down the process group of a multi-process launch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""DeiT-LT's loss: CLS head on the ground truth, DIST head on the teacher (RECIPE sections 1-2).
+
+``loss = (1 - alpha) * base(cls_logits, targets) + alpha * distill(dist_logits, teacher)``,
+the reference's ``DistillationLoss`` (DeiT's, extended by DeiT-LT):
+
+* ``hard``: ``CE(dist_logits, argmax teacher(x))``. From the DRW epoch on, ``class_weights``
+  (effective-number weights) are indexed by the teacher-predicted class, with PyTorch's
+  weighted mean (divide by the sum of the batch's weights), which makes DIST the tail expert.
+* ``soft``: DeiT's ``KL(log_softmax(dist/T) || log_softmax(teacher/T))``, summed, times T^2,
+  divided by the number of logits. The reference's weighted variant multiplies
+  log-probabilities by the weights and renormalises them (not a distribution: a known bug,
+  parity/README.md), so weighted soft distillation is refused here.
+* ``none``: no teacher; the DIST head learns the ground truth with the base criterion, or a
+  class-weighted CE when ``class_weights`` is given (the reference's ``weighted`` case).
+
+The teacher sees the student's own mixed, augmented, normalised batch ("out-of-distribution
+distillation"), resized with ``antialias=False`` to its input size, under ``no_grad`` in eval
+mode. Losses are computed in float32 whatever the autocast dtype of the logits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+def check_distillation_settings(distillation_type: str, alpha: float, tau: float) -> None:
+    if distillation_type not in DISTILLATION_TYPES:
+        raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if not tau > 0:
+        raise ValueError(f"distillation tau must be > 0, got {tau}")
+
+
+def check_class_map(class_map: Sequence[int], num_classes: int | None = None) -> list[int]:
+    """``class_map[teacher_label] = student_label`` must be a permutation of 0..C-1."""
+    class_map = [int(c) for c in class_map]
+    if sorted(class_map) != list(range(len(class_map))):
+        raise ValueError("class_map must be a permutation of 0..C-1 (class_map[teacher_label] = student_label)")
+    if num_classes is not None and len(class_map) != num_classes:
+        raise ValueError(f"class_map has {len(class_map)} entries but the teacher has {num_classes} classes")
+    return class_map
+
+
+def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
+                       teacher_logits: torch.Tensor | None, targets: torch.Tensor,
+                       base_criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       distillation_type: str, alpha: float, tau: float,
+                       class_weights: torch.Tensor | None = None,
+                       class_map: Sequence[int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, (1-alpha) * base, alpha * distillation) for one batch; a pure function.
+
+    ``targets``: mixup soft targets (base criterion ``SoftTargetCrossEntropy``) or hard labels
+    (``CrossEntropyLoss``, the no-mixup DRW phase). ``class_weights`` re-weight the DIST term
+    only (never the base term, as in the reference's CIFAR recipe). ``class_map`` maps a
+    teacher trained on original labels into the student's frequency-sorted label space.
+    """
+    check_distillation_settings(distillation_type, alpha, tau)
+    cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
+    if targets.is_floating_point():
+        targets = targets.float()
+    weight = None if class_weights is None else class_weights.to(dist_logits.device, torch.float32)
+
+    base = base_criterion(cls_logits, targets)
+    if distillation_type == "none":
+        if weight is None:
+            distill = base_criterion(dist_logits, targets)
+        else:
+            distill = F.cross_entropy(dist_logits, targets, weight=weight)
+    else:
+        if teacher_logits is None:
+            raise ValueError(f"{distillation_type} distillation needs the teacher's logits")
+        teacher_logits = teacher_logits.float()
+        if class_map is not None:
+            class_map = torch.as_tensor(check_class_map(class_map, teacher_logits.shape[1]),
+                                        device=teacher_logits.device)
+        if distillation_type == "hard":
+            teacher_labels = teacher_logits.argmax(dim=1)
+            if class_map is not None:
+                teacher_labels = class_map[teacher_labels]
+            distill = F.cross_entropy(dist_logits, teacher_labels, weight=weight)
+        else:
+            if weight is not None:
+                raise ValueError("class-weighted soft distillation is not supported: the reference's "
+                                 "variant is a known bug (parity/README.md); use hard distillation with DRW")
+            if class_map is not None:  # column j of the teacher is student class class_map[j]
+                permuted = torch.empty_like(teacher_logits)
+                permuted[:, class_map] = teacher_logits
+                teacher_logits = permuted
+            T = tau
+            # DeiT: log_target=True, sum, x T^2, / numel (legacy 'mean' over all logits).
+            distill = F.kl_div(F.log_softmax(dist_logits / T, dim=1),
+                               F.log_softmax(teacher_logits / T, dim=1),
+                               reduction="sum", log_target=True) * (T * T) / dist_logits.numel()
+    base_term, distill_term = base * (1 - alpha), distill * alpha
+    return base_term + distill_term, base_term, distill_term
+
+
+class DistillationLoss(nn.Module):
+    """The training loss; calls the teacher itself, so the loop knows nothing of distillation.
+
+    ``base_criterion`` is a plain attribute: the script swaps it (SoftTargetCrossEntropy ->
+    CrossEntropyLoss) when the no-mixup DRW phase starts. ``class_weights`` are passed per
+    call (ones or None before DRW, effective-number weights after).
+    """
+
+    def __init__(self, base_criterion: Callable, teacher: nn.Module | None, distillation_type: str,
+                 alpha: float, tau: float, teacher_input_size: int | Sequence[int] | None = None,
+                 class_map: Sequence[int] | None = None) -> None:
+        super().__init__()
+        check_distillation_settings(distillation_type, alpha, tau)
+        if distillation_type != "none" and teacher is None:
+            raise ValueError(f"{distillation_type} distillation needs a teacher")
+        self.base_criterion = base_criterion
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+        if isinstance(teacher_input_size, int):
+            teacher_input_size = (teacher_input_size, teacher_input_size)
+        self.teacher_input_size = None if teacher_input_size is None else tuple(teacher_input_size)
+        self.class_map = None if class_map is None else check_class_map(class_map)
+        self.teacher = teacher
+        if teacher is not None:
+            # Never trained here: frozen, eval mode (BN running stats, no dropout), and
+            # channels-last weights to match the channels-last input below.
+            teacher.requires_grad_(False)
+            teacher.eval()
+            teacher.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> "DistillationLoss":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # loss.train() must never put the teacher in training mode
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the student's batch, resized to the teacher's input size."""
+        if self.teacher.training:
+            self.teacher.eval()
+        x = inputs
+        if self.teacher_input_size is not None and tuple(x.shape[-2:]) != self.teacher_input_size:
+            # RECIPE section 2 'teacher input': the reference uses F.interpolate, whose
+            # antialias=False differs by up to 3.9 (normalised units) from torchvision's
+            # Resize default (antialias=True since 0.17) when shrinking 224 -> 32.
+            x = F.interpolate(x, size=self.teacher_input_size, mode="bicubic",
+                              align_corners=False, antialias=False)
+        return self.teacher(x.contiguous(memory_format=torch.channels_last))
+
+    def forward(self, inputs: torch.Tensor, outputs: tuple[torch.Tensor, torch.Tensor],
+                targets: torch.Tensor, class_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cls_logits, dist_logits = outputs
+        teacher_logits = None if self.distillation_type == "none" else self.teacher_logits(inputs)
+        loss, base_term, distill_term = distillation_terms(
+            cls_logits, dist_logits, teacher_logits, targets, self.base_criterion,
+            self.distillation_type, self.alpha, self.tau, class_weights, self.class_map)
+        return loss, {"base": base_term, "distill": distill_term}

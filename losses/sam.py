@@ -1,0 +1,151 @@
+"""Sharpness-aware minimisation (Foret et al., ICLR 2021) for the "flat" teachers (RECIPE section 3).
+
+DeiT-LT trains its teachers with SAM: a flat teacher gives low-rank, generalisable DIST
+features (paper, section 4). Two forward/backward passes per step:
+
+1. ``first_step``: ``e(w) = rho * g / ||g||_2`` with the global gradient norm over all
+   parameters; ``w <- w + e(w)``. ASAM (``adaptive=True``, Kwon et al. 2021) scales by |w|:
+   ``e(w) = rho * |w|^2 g / || |w| g ||_2``.
+2. ``second_step``: restore ``w`` and take the base optimizer's step (SGD with momentum in the
+   recipe) with the gradient computed at ``w + e(w)``.
+
+``rho`` and ``adaptive`` live in every param group, so a per-epoch schedule can set
+``group['rho']`` (``rho_for_epoch``); ``state_dict``/``load_state_dict`` carry the base
+optimizer's state (momentum buffers) so a resume is exact.
+
+Distributed and accumulation notes:
+
+* Under DDP (accelerate), both backward passes all-reduce the gradient, so the perturbation
+  is built from the global (all-rank mean) gradient and every rank perturbs identically;
+  the replicas stay in sync without extra communication.
+* With gradient accumulation, call ``first_step`` only at the synchronisation step, after the
+  accumulated gradient of the whole effective batch is complete; the second pass then runs
+  on the same micro-batches at the perturbed point before ``second_step``.
+* BatchNorm: use ``disable_running_stats`` around the second (perturbed) pass so the running
+  statistics are updated only by the first pass, on the real weights.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM around any base optimizer: ``SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)``."""
+
+    def __init__(self, params: Iterable, base_optimizer_cls: type[torch.optim.Optimizer],
+                 rho: float = 0.05, adaptive: bool = False, **base_kwargs) -> None:
+        if rho < 0:
+            raise ValueError(f"SAM rho must be >= 0, got {rho}")
+        defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
+        super().__init__(params, defaults)
+        # One set of param groups, shared with the base optimizer: an lr scheduler that edits
+        # SAM's groups edits the base optimizer's, and rho/adaptive sit beside lr.
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._backup: dict[torch.Tensor, torch.Tensor] = {}  # w before the perturbation
+
+    @torch.no_grad()
+    def _grad_norm(self) -> torch.Tensor:
+        norms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    scaled = p.grad * p.abs() if group["adaptive"] else p.grad
+                    norms.append(scaled.norm(p=2).to(torch.float32))
+        if not norms:
+            raise RuntimeError("SAM.first_step: no parameter has a gradient")
+        device = norms[0].device
+        return torch.stack([n.to(device) for n in norms]).norm(p=2)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to the worst point nearby: ``w += rho * g / (||g|| + 1e-12)`` (ASAM-scaled if adaptive)."""
+        grad_norm = self._grad_norm()
+        self._backup = {}
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._backup[p] = p.detach().clone()
+                e_w = (p * p if group["adaptive"] else 1.0) * p.grad * scale.to(p)
+                p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` and step the base optimizer with the gradient taken at ``w + e(w)``."""
+        if not self._backup:
+            raise RuntimeError("SAM.second_step called without a preceding first_step")
+        for p, original in self._backup.items():
+            p.copy_(original)
+        self._backup = {}
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Closure form: ``closure()`` computes the loss and calls ``backward()``.
+
+        Runs the closure at ``w`` and at ``w + e(w)`` (gradients cleared before each) and
+        returns the loss at ``w``.
+        """
+        if closure is None:
+            raise RuntimeError("SAM.step needs a closure (or call first_step/second_step yourself)")
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict:
+        # The base optimizer holds the momentum buffers; the param groups (shared) hold
+        # lr, rho and adaptive. The perturbation backup is transient and never saved.
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        # torch replaces the base optimizer's param_groups list on load: share it again.
+        self.param_groups = self.base_optimizer.param_groups
+
+
+def rho_for_epoch(schedule: Sequence[Sequence[float]], epoch: int) -> float:
+    """Piecewise-constant rho: the last ``[start_epoch, rho]`` pair with start <= epoch.
+
+    ImageNet-LT/iNat recipe (RECIPE section 3, epochs 0-based): ``[[0, 0.05], [5, 0.1], [60, 0.5]]``.
+    """
+    pairs = sorted((int(start), float(rho)) for start, rho in schedule)
+    if not pairs or pairs[0][0] > epoch:
+        raise ValueError(f"rho schedule {list(schedule)} does not cover epoch {epoch}")
+    return [rho for start, rho in pairs if start <= epoch][-1]
+
+
+def disable_running_stats(model: nn.Module) -> None:
+    """Freeze BatchNorm running statistics for SAM's second (perturbed) forward pass.
+
+    BN statistics are updated only in the first forward pass, on the real weights; in the
+    second pass, at ``w + e(w)``, momentum 0 leaves them unchanged, so the running stats
+    describe the weights that are actually kept. Batch statistics are still used for the
+    forward itself (training mode), as in the first pass.
+    """
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not hasattr(module, "_sam_momentum"):
+            module._sam_momentum = module.momentum
+            module.momentum = 0.0
+
+
+def enable_running_stats(model: nn.Module) -> None:
+    """Undo ``disable_running_stats``: restore each BatchNorm's momentum."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and hasattr(module, "_sam_momentum"):
+            module.momentum = module._sam_momentum
+            del module._sam_momentum

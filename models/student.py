@@ -1,0 +1,139 @@
+"""The DeiT-LT student: timm's ``VisionTransformerDistilled`` with any size (RECIPE section 2).
+
+The architecture is one plain dict (``student_arch``), resolved from a timm-style name
+``deit_{tiny,small,base}_distilled_patch{p}_{res}`` plus explicit overrides, stored in every
+checkpoint and passed back to ``build_student`` to rebuild the model. This lifts the
+reference's hard-wired 224/16/768 patch embedding (RECIPE bug 6): a patch-4, 32x32, depth-6
+student for CPU runs is the same code path as DeiT-B on 224x224.
+
+The model is timm's own class, so its state_dict keys equal timm's and the reference's
+(``cls_token``, ``dist_token``, ``pos_embed`` (1, N+2, D), ``blocks.*``, ``norm``, ``head``,
+``head_dist``) and reference checkpoints load strictly without renaming.
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.deit import VisionTransformerDistilled
+
+# DeiT's sizes (Touvron et al. 2021, Table 1): embed_dim, depth, num_heads; MLP ratio 4.
+DEIT_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+_NAME = re.compile(r"^deit_(tiny|small|base)_distilled_patch(\d+)_(\d+)$")
+
+
+def parse_student_name(name: str) -> dict | None:
+    """Defaults implied by a timm DeiT name, or None when the name is not of that form."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    size, patch, res = m.group(1), int(m.group(2)), int(m.group(3))
+    return dict(img_size=res, patch_size=patch, mlp_ratio=4.0, **DEIT_SIZES[size])
+
+
+def student_arch(name: str, num_classes: int, img_size: int | None = None,
+                 patch_size: int | None = None, embed_dim: int | None = None,
+                 depth: int | None = None, num_heads: int | None = None,
+                 mlp_ratio: float | None = None) -> dict:
+    """Fully resolved student architecture: the name's defaults, then explicit values.
+
+    The result has exactly this function's parameters as keys, so ``student_arch(**arch)``
+    re-validates a stored dict. The name is kept as given (a label); the numbers rule.
+    """
+    given = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                 num_heads=num_heads, mlp_ratio=mlp_ratio)
+    defaults = parse_student_name(name) or {}
+    arch = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
+    missing = [k for k, v in arch.items() if v is None]
+    if missing:
+        raise ValueError(f"student {name!r} is not a timm name deit_{{tiny,small,base}}_distilled_"
+                         f"patch{{p}}_{{res}}, so these must be given: {', '.join(missing)}")
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        value = arch[key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"student {key} must be a positive integer, got {arch[key]!r}")
+        arch[key] = value
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"student num_classes must be a positive integer, got {num_classes!r}")
+    arch["mlp_ratio"] = float(arch["mlp_ratio"])
+    if not arch["mlp_ratio"] > 0:
+        raise ValueError(f"student mlp_ratio must be > 0, got {arch['mlp_ratio']}")
+    if arch["img_size"] % arch["patch_size"]:
+        raise ValueError(f"student img_size {arch['img_size']} is not divisible by "
+                         f"patch_size {arch['patch_size']}")
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise ValueError(f"student embed_dim {arch['embed_dim']} is not divisible by "
+                         f"num_heads {arch['num_heads']}")
+    if (arch["embed_dim"] * arch["mlp_ratio"]) % 1:
+        raise ValueError(f"student embed_dim x mlp_ratio must be an integer, got "
+                         f"{arch['embed_dim']} x {arch['mlp_ratio']}")
+    return {"name": name, "num_classes": num_classes, **arch}
+
+
+class DistilledStudent(VisionTransformerDistilled):
+    """timm's ``VisionTransformerDistilled`` whose ``forward`` always returns both heads.
+
+    timm returns the average of the heads unless ``distilled_training`` is set and the model
+    is training. Returning ``(cls_logits, dist_logits)`` in every mode keeps the training
+    script and evaluation independent of that flag, and lets ``student_logits`` go through
+    ``model(x)``, which a DDP/FSDP wrapper (accelerate) needs to synchronise gradients.
+    Parameters and state_dict keys are timm's, untouched.
+    """
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.forward_features(x)
+        # head_drop is timm's dropout before the heads (drop_rate, 0 in DeiT).
+        cls_token, dist_token = self.head_drop(tokens[:, 0]), self.head_drop(tokens[:, 1])
+        return self.head(cls_token), self.head_dist(dist_token)
+
+
+def build_student(arch: dict, drop_path_rate: float = 0.0,
+                  fused_attn: bool = True) -> DistilledStudent:
+    """A freshly initialised distilled ViT for ``arch`` (a ``student_arch`` dict).
+
+    DeiT's choices: qkv bias, LayerNorm eps 1e-6, class + distillation tokens, learned
+    position embedding over N+2 tokens, drop-path rising linearly to ``drop_path_rate``.
+    """
+    arch = student_arch(**arch)
+    model = DistilledStudent(
+        img_size=arch["img_size"], patch_size=arch["patch_size"], num_classes=arch["num_classes"],
+        embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
+        mlp_ratio=arch["mlp_ratio"], qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        drop_path_rate=drop_path_rate,
+    )
+    # DeiT (and the reference) draw the class token from trunc_normal(std=.02); timm's ViT
+    # init uses normal(std=1e-6). Follow DeiT, the recipe being reproduced.
+    trunc_normal_(model.cls_token, std=0.02)
+    set_fused_attn(model, fused_attn)
+    model.student_arch = arch
+    return model
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> None:
+    """Switch every block between ``F.scaled_dot_product_attention`` and the explicit
+    softmax(QK^T/sqrt(d))V formula (timm's ``attn.fused_attn`` flag); same weights, same math."""
+    for block in model.blocks:
+        block.attn.fused_attn = bool(enabled)
+
+
+def student_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cls_logits, dist_logits) in train and eval mode alike.
+
+    ``model`` is a ``DistilledStudent``, possibly wrapped (DDP, torch.compile): the call goes
+    through ``model(x)`` so the wrapper's hooks run. A plain timm ``VisionTransformerDistilled``
+    (not built here) is handled by calling its two heads on ``forward_features``.
+    """
+    inner = getattr(model, "module", model)
+    if isinstance(inner, VisionTransformerDistilled) and not isinstance(inner, DistilledStudent):
+        tokens = inner.forward_features(x)
+        return inner.head(inner.head_drop(tokens[:, 0])), inner.head_dist(inner.head_drop(tokens[:, 1]))
+    return model(x)

@@ -1,0 +1,268 @@
+"""End-to-end tests of train_teacher.py and train_student.py on tiny generated data.
+
+The scripts run as users run them (subprocesses, through ``accelerate launch`` where it
+matters): train, save, resume, refuse bad input, survive kills. Sizes are tiny so the file
+stays within a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS_TRAIN = [40, 28, 20, 14, 10, 8, 6, 5, 4, 3]
+COUNTS_TEST = [5, 5, 5, 5, 5, 5, 5, 5, 5, 4]  # 49: odd on purpose
+
+TEACHER_ARGS = [
+    "data.dataset=generic", "data.image_column=img", "data.imb_factor=1.0", "data.num_workers=0",
+    "train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3", "loss.drw_epoch=1",
+    "sched.warmup_epochs=1", "log.progress=false", "train.mixed_precision=no",
+]
+STUDENT_ARGS = [
+    "data.dataset=generic", "data.image_column=img", "data.imb_factor=1.0", "data.num_workers=0",
+    "data.input_size=32", "model.name=deit_tiny_distilled_patch4_32", "model.depth=1",
+    "model.embed_dim=48", "model.num_heads=3", "aug.train_crop=pad_crop", "train.epochs=3",
+    "train.batch_size=16", "train.max_steps_per_epoch=3", "distill.drw_epoch=2",
+    "distill.no_mixup_drw=true", "sched.warmup_epochs=1", "log.progress=false",
+    "train.mixed_precision=no", "train.eval_batch_size=16",
+]
+
+
+def run(args: list[str], check: bool = True, env: dict | None = None, launch: list[str] | None = None,
+        timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch] if launch else [sys.executable]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:1])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_image_dataset(tmp_path_factory.mktemp("data"), COUNTS_TRAIN, COUNTS_TEST, size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tiny_data, tmp_path_factory) -> Path:
+    """A teacher trained by train_teacher.py through accelerate launch (one CPU process)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(["train_teacher.py", *TEACHER_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}"],
+        launch=["--num_processes", "1", "--cpu"])
+    return out / "checkpoint.pth"
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_teacher_end_to_end(teacher_ckpt):
+    from models.teacher import load_teacher
+
+    out = teacher_ckpt.parent
+    ckpt = torch.load(teacher_ckpt, weights_only=True)  # plain types only
+    assert ckpt["kind"] == "teacher" and ckpt["epoch"] == 1
+    assert ckpt["arch"] == {"arch": "resnet32", "num_classes": 10, "head": "normed"}
+    assert ckpt["train_counts"] == COUNTS_TRAIN
+    assert (out / "best_checkpoint.pth").is_file() and (out / "config.yaml").is_file()
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert [line["drw"] for line in lines] == [False, True]
+    assert 0 <= lines[-1]["logits_top1"] <= 100
+    model, info = load_teacher(teacher_ckpt)
+    assert info["format"] == "project"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_student_trains_evaluates_and_resumes(tiny_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "student"
+    base = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+            f"distill.teacher_ckpt={teacher_ckpt}"]
+    first = run(base + ["train.epochs=2"], launch=["--num_processes", "1", "--cpu"])
+    assert "processes 1" in first.stdout
+    assert [line["epoch"] for line in log_lines(out)] == [0, 1]
+    # Same command with more epochs: resumes at epoch 2 (train.epochs may change on resume).
+    second = run(base + ["train.epochs=3"])
+    assert "resumed from" in second.stdout and "at epoch 2 step 0" in second.stdout
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert lines[2]["drw"] is True
+    for head in ("cls", "dist", "avg"):
+        assert 0 <= lines[2][f"{head}_top1"] <= 100
+    # The cosine schedule continued where it was: lr at the end of epoch 2 of 3.
+    from timm.scheduler import CosineLRScheduler
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4 * 16 / 512)
+    sched = CosineLRScheduler(opt, t_initial=3, lr_min=1e-5, warmup_t=1, warmup_lr_init=1e-6)
+    sched.step(2 + 2 / 3)
+    assert lines[2]["train_lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["kind"] == "student" and ckpt["epoch"] == 2
+    assert ckpt["model_ema"] is not None and set(ckpt["model_ema"]) == set(ckpt["model"])
+    assert set(ckpt["metrics"]) >= {"cls", "dist", "avg"}
+
+
+def test_sigkill_mid_epoch_resume_is_bit_exact(tiny_data, teacher_ckpt, tmp_path):
+    """Killed (SIGKILL) mid-epoch right after a state save, then rerun: same final weights."""
+    common = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}",
+              f"distill.teacher_ckpt={teacher_ckpt}", "train.save_every_steps=1"]
+    clean = tmp_path / "clean"
+    run(common + [f"train.output_dir={clean}"])
+    killed = tmp_path / "killed"
+    # The 5th save is epoch 1, step 1 (saves: e0s1, e0s2, e0 end, e1s1, e1s2 ...).
+    proc = run(common + [f"train.output_dir={killed}"], check=False,
+               env={"DEIT_LT_FAULT": "kill_after_save:5"})
+    assert proc.returncode == -signal.SIGKILL
+    progress = json.loads((killed / "state" / "progress.json").read_text())
+    assert (progress["epoch"], progress["step"]) == (1, 2)
+    resumed = run(common + [f"train.output_dir={killed}"])
+    assert "at epoch 1 step 2" in resumed.stdout
+    a, b = weights(clean / "checkpoint.pth"), weights(killed / "checkpoint.pth")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ema_a = torch.load(clean / "checkpoint.pth", weights_only=True)["model_ema"]
+    ema_b = torch.load(killed / "checkpoint.pth", weights_only=True)["model_ema"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert log_lines(clean)[-1]["avg_top1"] == log_lines(killed)[-1]["avg_top1"]
+
+
+def test_teacher_kill_during_state_write_keeps_previous_state(tiny_data, tmp_path):
+    """A kill while a state is written leaves the previous one; the rerun still matches."""
+    common = ["train_teacher.py", *TEACHER_ARGS, f"data.path={tiny_data}"]
+    clean = tmp_path / "clean"
+    run(common + [f"train.output_dir={clean}"])
+    broken = tmp_path / "broken"
+    proc = run(common + [f"train.output_dir={broken}"], check=False,
+               env={"DEIT_LT_FAULT": "kill_before_progress:2"})
+    assert proc.returncode == -signal.SIGKILL
+    assert (broken / "state.new").is_dir()  # the half-written state
+    assert json.loads((broken / "state" / "progress.json").read_text())["epoch"] == 1
+    torch.load(broken / "checkpoint.pth", weights_only=True)  # still loadable
+    resumed = run(common + [f"train.output_dir={broken}"])
+    assert "at epoch 1 step 0" in resumed.stdout
+    a, b = weights(clean / "checkpoint.pth"), weights(broken / "checkpoint.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "term"
+    args = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+            f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=50", "train.max_steps_per_epoch=null"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (out / "log.txt").is_file():  # wait for a first epoch, then ask it to stop
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "SIGTERM received: state saved" in output
+    progress = json.loads((out / "state" / "progress.json").read_text())
+    assert progress["epoch"] >= 1
+
+
+def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
+    """2 gloo processes (MULTI_GPU launcher, no GPU, Accelerator(cpu=True)): saves once."""
+    out = tmp_path / "ddp"
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=2", "train.batch_size=8"],
+               launch=["--multi_gpu", "--num_processes", "2"])
+    assert "processes 2" in proc.stdout  # the world size we asked for, really
+    assert proc.stdout.count("done: best avg top-1") == 1
+    assert [line["epoch"] for line in log_lines(out)] == [0, 1]  # one writer
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["metrics"]["avg"]["num_samples"] == sum(COUNTS_TEST)
+    # resume in 2 processes
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=3", "train.batch_size=8"],
+               launch=["--multi_gpu", "--num_processes", "2"])
+    assert "at epoch 2 step 0" in proc.stdout
+    assert [line["epoch"] for line in log_lines(out)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=0.1"], "unknown key 'optim.lrr'"),
+    (["optim.lr=fast"], "optim.lr: expected a number"),
+    (["optim.lr=-1e-3"], "optim.lr: must be > 0"),
+    (["data.imb_factor=100"], "data.imb_factor: must be in (0, 1]"),
+    (["distill.type=hard", "distill.teacher_ckpt=null"], "distill.teacher_ckpt"),
+    (["distill.teacher_ckpt=/nonexistent/teacher.pth"], "file not found: /nonexistent/teacher.pth"),
+    (["distill.type=medium"], "distill.type: 'medium' is not allowed"),
+    (["model.depth=two"], "model.depth: expected an integer"),
+])
+def test_config_errors_before_any_work(override, message, tmp_path):
+    out = tmp_path / "never"
+    proc = run(["train_student.py", f"train.output_dir={out}", *override], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_yaml_numbers_and_print_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 1e-3\ntrain:\n  epochs: 7\n")
+    proc = run(["train_student.py", "--config", str(cfg), "--print-config", "sched.min_lr=2e-6"])
+    import yaml
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["optim"]["lr"] == 1e-3 and isinstance(printed["optim"]["lr"], float)
+    assert printed["train"]["epochs"] == 7 and printed["sched"]["min_lr"] == 2e-6
+
+
+def test_every_shipped_config_resolves():
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        if "accelerate" in path.parts:
+            continue
+        script = "train_teacher.py" if "teachers" in path.parts else "train_student.py"
+        proc = run([script, "--config", str(path), "--print-config"], check=False)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+def test_refuses_output_dir_of_another_run(tiny_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "student"
+    base = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+            f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=1"]
+    run(base)
+    proc = run(base + ["optim.lr=1e-3"], check=False)
+    assert proc.returncode != 0
+    assert "different config" in proc.stderr and "optim.lr" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_message(tiny_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "nan"
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+                f"distill.teacher_ckpt={teacher_ckpt}", "optim.lr=1e30", "optim.lr_scaling=none",
+                "sched.warmup_epochs=0", "train.model_ema=false"], check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at epoch" in proc.stderr and "step" in proc.stderr
+
+
+def test_teacher_with_wrong_number_of_classes_is_rejected(tiny_data, tmp_path):
+    from models.resnet_cifar import resnet32
+
+    bad = tmp_path / "teacher100.pth"
+    torch.save({"model": resnet32(num_classes=100).state_dict()}, bad)
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}",
+                f"train.output_dir={tmp_path / 's'}", f"distill.teacher_ckpt={bad}"], check=False)
+    assert proc.returncode != 0
+    assert "100 classes" in proc.stderr and "10" in proc.stderr

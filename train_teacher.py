@@ -1,0 +1,301 @@
+"""Train a flat CNN teacher for DeiT-LT: LDAM-DRW / CE-DRW / PaCo, with SAM.
+
+    accelerate launch train_teacher.py --config configs/teachers/cifar10_lt_ldam_drw_sam.yaml
+
+The reference ships no teacher training code; this script follows the published recipes
+(RECIPE.md section 3). Defaults reproduce the LDAM-DRW + SAM CIFAR-10-LT IF100 teacher:
+ResNet-32 with a cosine (NormedLinear) head, LDAM margins (max 0.5, s 30), SGD lr 0.1 with
+5 warm-up epochs and x0.01 decays at epochs 160 and 180, DRW from epoch 160, SAM rho 0.8,
+batch 128, wd 2e-4, 200 epochs. The checkpoint it writes loads as a teacher in
+train_student.py (``distill.teacher_ckpt``) and in evaluate.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+import engine
+from data import AUG_SPEC, DATA_SPEC
+from losses.drw import class_balanced_weights
+from losses.ldam import LDAMLoss
+from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
+from models.teacher import build_teacher
+from utils import check, git_sha, load_config, save_config, seed_everything
+
+
+def _with_defaults(spec: dict, **defaults) -> dict:
+    """A copy of a shared spec section with other defaults (help texts kept)."""
+    out = dict(spec)
+    for key, value in defaults.items():
+        out[key] = (value,) + tuple(spec[key][1:])
+    return out
+
+
+SPEC = {
+    # Native 32x32 CIFAR: the LDAM recipe's RandomCrop(32, 4) + flip + CIFAR normalisation.
+    "data": _with_defaults(DATA_SPEC, input_size=32),
+    "aug": _with_defaults(AUG_SPEC, train_crop="pad_crop", aa=None, reprob=0.0, normalize="cifar",
+                          eval_crop_ratio=1.0, repeated_aug=False, mixup=0.0, cutmix=0.0,
+                          smoothing=0.0),
+    "model": {
+        "arch": ("resnet32", "resnet32 (CIFAR, option-A shortcuts), resnet50, or any timm CNN"),
+        "head": ("normed", "'normed': cosine NormedLinear head (LDAM); 'linear': plain linear",
+                 ("normed", "linear")),
+        "channels_last": (True, "channels-last memory format (faster convolutions)"),
+        "compile": (False, "torch.compile the model"),
+    },
+    "loss": {
+        "type": ("ldam", "ldam: LDAM margins; ce: cross-entropy; paco: parametric contrastive",
+                 ("ldam", "ce", "paco")),
+        "max_m": (0.5, "LDAM: largest margin (0.5 CIFAR, 0.3 ImageNet-LT/iNat)"),
+        "s": (30.0, "LDAM: logit scale"),
+        "drw_epoch": (160, "epoch (0-based) from which the loss is class-weighted (DRW); "
+                      "null: never", int),
+        "drw_beta": (0.9999, "beta of the effective-number class weights"),
+        "paco_alpha": (0.01, "PaCo: weight of the contrastive positives (0.01 CIFAR, 0.05 ImageNet)"),
+        "paco_beta": (1.0, "PaCo: weight of the parametric (class-centre) positive"),
+        "paco_gamma": (1.0, "PaCo: weight of the contrast logits in the denominator"),
+        "paco_temperature": (0.05, "PaCo: temperature (0.05 CIFAR, 0.2 ImageNet)"),
+        "paco_dim": (32, "PaCo: projection (moco) dim (32 CIFAR, 128 ImageNet)"),
+        "paco_queue": (1024, "PaCo: queue length (1024 CIFAR, 8192 ImageNet)"),
+        "paco_momentum": (0.999, "PaCo: key-encoder momentum"),
+    },
+    "optim": {
+        "lr": (0.1, "SGD learning rate for train.batch_size x processes (not rescaled)"),
+        "momentum": (0.9, "SGD momentum"),
+        "weight_decay": (2e-4, "SGD weight decay"),
+        "nesterov": (False, "Nesterov momentum"),
+        "sam": (True, "wrap SGD in SAM (sharpness-aware minimisation): the 'flat' teacher"),
+        "rho": (0.8, "SAM neighbourhood radius (CIFAR LDAM recipe: 0.8 from the first step)"),
+        "rho_schedule": (None, "per-epoch rho as [[start_epoch, rho], ...] (ImageNet recipe: "
+                         "[[0, 0.05], [5, 0.1], [60, 0.5]]); overrides rho", list),
+        "adaptive": (False, "adaptive SAM (ASAM): perturbation scaled by |w|"),
+        "clip_grad": (None, "clip the gradient norm to this value (null: none)", float),
+    },
+    "sched": {
+        "sched": ("step", "'step': warm-up then x gamma at each milestone (LDAM recipe); "
+                  "'cosine': warm-up then cosine to min_lr (ImageNet recipe)", ("step", "cosine")),
+        "warmup_epochs": (5, "linear warm-up epochs: lr x (epoch+1)/warmup as the LDAM code"),
+        "milestones": ([160, 180], "epochs (0-based) where the lr is multiplied by gamma"),
+        "gamma": (0.01, "lr factor at each milestone (0.01 then 0.0001 overall)"),
+        "min_lr": (0.0, "cosine floor"),
+    },
+    "train": {
+        "epochs": (200, "training epochs"),
+        "batch_size": (128, "images per process per step (before accumulation)"),
+        "accum_steps": (1, "gradient accumulation steps (SAM perturbs the accumulated gradient)"),
+        "seed": (0, "run seed"),
+        "output_dir": ("output/teacher", "folder for log.txt, config.yaml, state/, checkpoints"),
+        "resume": ("auto", "'auto': continue the folder's run if the config matches; 'never': "
+                   "refuse a used folder; 'force': continue despite config changes",
+                   ("auto", "never", "force")),
+        "max_steps_per_epoch": (None, "cap on optimiser steps per epoch (quick runs); null: all", int),
+        "save_every_steps": (0, "also save the resume state every N steps (0: epoch ends only)"),
+        "mixed_precision": (None, "'bf16', 'fp16' or 'no'; null: as accelerate launch says",
+                            ("no", "fp16", "bf16")),
+        "eval_every": (1, "evaluate every N epochs (and always after the last)"),
+        "eval_batch_size": (None, "eval batch per process (null: 2 x batch_size)", int),
+    },
+    "log": {
+        "progress": (True, "show progress bars"),
+        "print_every": (0, "also print a line every N steps (0: only per epoch)"),
+    },
+}
+
+
+def validate(cfg: dict) -> None:
+    o, t, s = cfg["optim"], cfg["train"], cfg["sched"]
+    check(o["lr"] > 0, "optim.lr", f"must be > 0, got {o['lr']}")
+    check(o["rho"] >= 0, "optim.rho", "must be >= 0")
+    check(0 < cfg["data"]["imb_factor"] <= 1, "data.imb_factor", "must be in (0, 1]")
+    check(t["epochs"] > 0, "train.epochs", "must be > 0")
+    check(t["batch_size"] > 0, "train.batch_size", "must be > 0")
+    check(t["accum_steps"] >= 1, "train.accum_steps", "must be >= 1")
+    check(all(isinstance(m, int) for m in s["milestones"]), "sched.milestones", "must be integers")
+    if o["sam"]:
+        check(t["mixed_precision"] != "fp16", "train.mixed_precision",
+              "SAM with fp16 loss scaling is not supported; use bf16 or no")
+    if o["rho_schedule"] is not None:
+        check(all(isinstance(p, list) and len(p) == 2 for p in o["rho_schedule"]),
+              "optim.rho_schedule", "must be a list of [start_epoch, rho] pairs")
+
+
+def learning_rate(cfg: dict, epoch: float) -> float:
+    """The LDAM code's per-epoch rule (step) or warm-up + cosine per step (cosine)."""
+    s, base = cfg["sched"], cfg["optim"]["lr"]
+    whole = int(epoch)
+    if whole < s["warmup_epochs"]:
+        return base * (whole + 1) / s["warmup_epochs"]
+    if s["sched"] == "step":
+        return base * s["gamma"] ** sum(whole >= m for m in s["milestones"])
+    progress = (epoch - s["warmup_epochs"]) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"])
+    return s["min_lr"] + 0.5 * (base - s["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch, cfg,
+                    start_step, preemption, save_fn):
+    """One epoch; with SAM each update is two passes over the accumulation window."""
+    model.train()
+    tcfg, use_sam = cfg["train"], cfg["optim"]["sam"]
+    accum = tcfg["accum_steps"]
+    num_steps = engine.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
+    if start_step:
+        from accelerate import skip_first_batches
+        data_loader = skip_first_batches(data_loader, start_step * accum)
+    batches = iter(data_loader)
+    total, seen = 0.0, 0
+    bar = tqdm(range(start_step, num_steps), desc=f"epoch {epoch}", leave=False,
+               disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
+    for step in bar:
+        lr = learning_rate(cfg, epoch + step / num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            group["rho"] = (rho_for_epoch(cfg["optim"]["rho_schedule"], epoch)
+                            if cfg["optim"]["rho_schedule"] else cfg["optim"]["rho"])
+        engine.step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
+        window = [tuple(t.to(accelerator.device, non_blocking=True) for t in next(batches))
+                  for _ in range(accum)]
+        # Pass 1: gradient at w, accumulated over the window (all-reduced at its last batch).
+        step_loss = 0.0
+        for images, targets in window:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = criterion(model(images), targets)
+                engine.check_finite({"loss": loss}, epoch, step, accelerator)
+                accelerator.backward(loss)
+                step_loss += loss.item() / accum
+                if not use_sam:
+                    if cfg["optim"]["clip_grad"]:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        if use_sam:
+            # Pass 2: SAM perturbs w along the (global, all-reduced) gradient, recomputes the
+            # gradient there over the same window, restores w and takes the SGD step with it.
+            # BatchNorm statistics are updated only in pass 1 (disable_running_stats), so the
+            # running stats describe the real weights, not the perturbed ones.
+            sam = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's wrapper
+            sam.first_step(zero_grad=True)
+            disable_running_stats(model)
+            for i, (images, targets) in enumerate(window):
+                sync = i == len(window) - 1
+                ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
+                with ctx:
+                    with accelerator.autocast():
+                        loss2 = criterion(model(images), targets)
+                    engine.check_finite({"loss_perturbed": loss2}, epoch, step, accelerator)
+                    accelerator.backward(loss2)
+            enable_running_stats(model)
+            if cfg["optim"]["clip_grad"]:
+                accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
+            sam.second_step(zero_grad=True)
+        total += step_loss
+        seen += 1
+        bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.2e}")
+        if cfg["log"]["print_every"] and (step + 1) % cfg["log"]["print_every"] == 0:
+            accelerator.print(f"epoch {epoch} step {step + 1}/{num_steps} loss {total / seen:.4f}")
+        if preemption.any(accelerator):
+            save_fn(epoch, step + 1)
+            return None
+        if tcfg["save_every_steps"] and (step + 1) % tcfg["save_every_steps"] == 0 and step + 1 < num_steps:
+            save_fn(epoch, step + 1)
+    return {"loss": total / max(1, seen), "lr": lr}
+
+
+def teacher_outputs(model, images):
+    return {"logits": model(images)}
+
+
+def main(cfg: dict) -> dict:
+    # ------------------------------------------------------------------ set-up
+    tcfg = cfg["train"]
+    accelerator = engine.build_accelerator(tcfg, grad_accum=tcfg["accum_steps"])
+    out = Path(tcfg["output_dir"])
+    resume_dir = engine.find_resume_state(out, cfg)
+    seed_everything(tcfg["seed"] + accelerator.process_index)
+    world = accelerator.num_processes
+    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
+                      f"precision {accelerator.mixed_precision} | effective batch "
+                      f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | lr {cfg['optim']['lr']}")
+
+    # ------------------------------------------------------------------ data
+    dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
+        engine.build_loaders(cfg, accelerator)
+    counts = dataset_train.train_counts
+
+    # ------------------------------------------------------------------ model, loss, optimiser
+    m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]
+    arch = {"arch": m["arch"], "num_classes": dataset_train.num_classes, "head": m["head"]}
+    model = build_teacher(**arch)
+    if m["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if lcfg["type"] == "paco":
+        raise NotImplementedError("loss.type=paco")
+    if lcfg["type"] == "ldam":
+        criterion = LDAMLoss(counts, max_m=lcfg["max_m"], s=lcfg["s"])
+    else:
+        criterion = nn.CrossEntropyLoss()
+    sgd = dict(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    if o["sam"]:
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=o["rho"], adaptive=o["adaptive"], **sgd)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    if m["compile"]:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    drw_weights = class_balanced_weights(counts, lcfg["drw_beta"]).to(accelerator.device)
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    accelerator.print(f"teacher {arch} ({n_params / 1e6:.2f}M parameters), loss {lcfg['type']}, "
+                      f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
+
+    # ------------------------------------------------------------------ resume
+    progress = {"epoch": 0, "step": 0, "best": None}
+    if resume_dir is not None:
+        progress = engine.load_training_state(accelerator, resume_dir, out)
+        accelerator.print(f"resumed from {resume_dir} at epoch {progress['epoch']} step {progress['step']}")
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+
+    def save_state(epoch: int, step: int) -> None:
+        engine.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+
+    # ------------------------------------------------------------------ train
+    preemption = engine.Preemption()
+    metrics = progress.get("last_metrics")
+    for epoch in range(progress["epoch"], tcfg["epochs"]):
+        start = time.time()
+        drw = lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]
+        weight = drw_weights if drw else None  # DRW: class-balanced weights from drw_epoch on
+        if isinstance(criterion, LDAMLoss):
+            criterion.weight = weight
+        else:
+            criterion = nn.CrossEntropyLoss(weight=weight)
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator, epoch,
+                                cfg, progress["step"] if epoch == progress["epoch"] else 0,
+                                preemption, save_state)
+        if stats is None:
+            accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
+            return {"preempted": True}
+        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
+            metrics = engine.evaluate(accelerator.unwrap_model(model), data_loader_val, accelerator,
+                                      teacher_outputs, dataset_train.groups, dataset_train.num_classes)
+            accelerator.print(f"epoch {epoch}: {engine.summary_line(metrics)}")
+        record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
+                  **{f"train_{k}": v for k, v in stats.items()}}
+        engine.epoch_end(accelerator, out, progress, record, metrics, lambda mets: engine.portable_checkpoint(
+            "teacher", arch, accelerator, model, None, epoch, cfg, mets, dataset_train),
+            key="logits")
+        save_state(epoch + 1, 0)
+    accelerator.print(f"done: best top-1 {progress['best']}")
+    accelerator.end_training()
+    return {"metrics": metrics, "best": progress["best"]}
+
+
+if __name__ == "__main__":
+    engine.run_main(main, load_config(SPEC, description=__doc__, validate=validate))
