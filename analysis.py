@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -314,23 +313,38 @@ def plot_per_class(path: str | Path, per_class: dict[str, list], train_counts: l
     plt.close(fig)
 
 
+def pool_confusion(rows: torch.Tensor, max_cells: int = 100) -> tuple[torch.Tensor, int]:
+    """Pool a row-normalised (C, C) matrix into at most ``max_cells`` blocks a side.
+
+    Block cell = mean over the block's true classes of the summed shares predicted into the
+    other block's classes, so pooled rows still sum to 100 (classes with test images).
+    """
+    num_classes = rows.shape[0]
+    block = math.ceil(num_classes / max_cells)
+    if block == 1:
+        return rows, 1
+    blocks = math.ceil(num_classes / block)
+    pad = block * blocks - num_classes
+    summed = F.pad(rows, (0, pad, 0, pad)).reshape(blocks, block, blocks, block).sum(dim=(1, 3))
+    sizes = torch.full((blocks,), float(block), dtype=rows.dtype)
+    sizes[-1] = num_classes - block * (blocks - 1)  # the last block may be short
+    return summed / sizes[:, None], block
+
+
 def plot_confusion(path: str | Path, cm: torch.Tensor, train_counts: list[int],
                    class_names: list[str] | None = None, title: str = "") -> None:
     """Row-normalised confusion matrix (% of each true class), classes in count order.
 
-    Above 100 classes, cells are averaged over blocks of classes (a 1000 x 1000 image has
-    more cells than a figure has pixels); tick labels and cell values only for 20 or fewer.
+    Above 100 classes, classes are pooled into blocks (a 1000 x 1000 image has more cells than
+    a figure has pixels): a cell is the share of the true block's images predicted into the
+    predicted block, so rows still sum to 100%. Tick labels and values only for 20 or fewer.
     """
     plt = _pyplot()
     order = torch.tensor(count_order(train_counts))
     cm = cm.double()[order][:, order]
     rows = 100.0 * cm / cm.sum(1, keepdim=True).clamp_min(1)
     num_classes = rows.shape[0]
-    block = math.ceil(num_classes / 100)
-    if block > 1:
-        pad = block * math.ceil(num_classes / block) - num_classes
-        padded = F.pad(rows, (0, pad, 0, pad))
-        rows = F.avg_pool2d(padded[None, None], block)[0, 0]
+    rows, block = pool_confusion(rows, max_cells=100)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     image = ax.imshow(rows.numpy(), cmap="viridis", vmin=0, vmax=100)
     fig.colorbar(image, ax=ax, label="% of the true class")
@@ -410,8 +424,7 @@ def plot_feature_rank(path: str | Path, ranks: dict[str, dict]) -> None:
 def plot_agreement(path: str | Path, pairs: dict[str, dict]) -> None:
     """Grouped bars: agreement of each pair of classifiers overall and per group."""
     plt = _pyplot()
-    keys: Iterable[str] = ("overall", "head", "mid", "tail")
-    keys = list(keys)
+    keys = ["overall", "head", "mid", "tail"]
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(pairs))
     for i, (name, values) in enumerate(pairs.items()):

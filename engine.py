@@ -408,7 +408,7 @@ def portable_checkpoint(kind: str, arch: dict, accelerator, model, model_ema, ep
     }
 
 
-def build_loaders(cfg: dict, accelerator):
+def build_loaders(cfg: dict, accelerator, train_transform=None):
     """Datasets and loaders of a training script (the same for teacher and student).
 
     The train loader is not prepared: its sampler is already rank-aware (repeated
@@ -421,7 +421,7 @@ def build_loaders(cfg: dict, accelerator):
 
     tcfg = cfg["train"]
     dataset_train, dataset_val = build_datasets(
-        cfg["data"], build_transform(True, cfg["data"], cfg["aug"]),
+        cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
         build_transform(False, cfg["data"], cfg["aug"]))
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = SeededSampler(build_train_sampler(dataset_train, cfg["aug"], world, rank, tcfg["seed"]),

@@ -38,12 +38,11 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from utils import ConfigError, atomic_write_text, format_help, git_sha, merge, parse_override, read_yaml, split_spec
-
 import analysis
 from data import AUG_SPEC, DATA_SPEC, build_datasets, build_transform
 from engine import build_accelerator, classification_metrics, collect_logits, confusion_matrix
 from models import CheckpointMismatchError, UnsafeCheckpointError, load_any, load_student, load_teacher, student_logits
+from utils import ConfigError, atomic_write_text, format_help, git_sha, merge, parse_override, read_yaml, split_spec
 
 EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
@@ -74,7 +73,8 @@ class EvalError(RuntimeError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a DeiT-LT student or teacher checkpoint: top-1/top-5, per-class and "
-                    "head/mid/tail accuracy of the CLS, DIST and averaged heads.",
+                    "head/mid/tail accuracy of the CLS, DIST and averaged heads. Config precedence: "
+                    "defaults < the checkpoint's stored data/aug sections < --config < overrides < flags.",
         epilog=format_help(SPEC), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate: the project's "
                         "checkpoint.pth / best_checkpoint.pth, or a reference student or teacher file")
@@ -124,16 +124,20 @@ def resolve_config(stored: dict | None, implied: dict, config_path: str | None,
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(path: str, ema: bool) -> tuple[torch.nn.Module, dict]:
-    """A student or teacher from ``path``, strictly and safely loaded; EvalError otherwise."""
+def load_checkpoint(path: str, ema: bool = False, teacher: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A student or teacher (``teacher=True``: a teacher only) from ``path``, strictly and
+    safely loaded; EvalError naming the problem otherwise."""
+    what = "teacher checkpoint" if teacher else "checkpoint"
     if not Path(path).is_file():
-        raise EvalError(f"checkpoint not found: {path}")
+        raise EvalError(f"{what} not found: {path}")
     try:
+        if teacher:
+            return load_teacher(path)
         return load_student(path, ema=True) if ema else load_any(path)
     except UnsafeCheckpointError as e:
         raise EvalError(f"{e}\nNothing in the file was executed.") from None
     except (CheckpointMismatchError, ValueError, KeyError, RuntimeError) as e:
-        raise EvalError(f"cannot load {path}: {e}") from None
+        raise EvalError(f"cannot load {what} {path}: {e}") from None
 
 
 def stored_config(info: dict) -> dict | None:
@@ -141,6 +145,21 @@ def stored_config(info: dict) -> dict | None:
     if info.get("format") != "project":
         return None
     return info.get("config") or info.get("args")
+
+
+def as_class_map(value, num_classes: int, what: str) -> list[int] | None:
+    """A class map as a list ``map[original] = index``; JSON-made dicts have string keys."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, dict):
+            value = [value[str(o)] if str(o) in value else value[o] for o in range(num_classes)]
+        value = [int(v) for v in value]
+    except (KeyError, TypeError, ValueError):
+        raise EvalError(f"{what} does not map the original labels 0..{num_classes - 1}") from None
+    if sorted(value) != list(range(num_classes)):
+        raise EvalError(f"{what} is not a permutation of the {num_classes} classes (it has {len(value)} entries)")
+    return value
 
 
 def class_permutation(model_map: list | None, data_map: list | None, num_classes: int,
@@ -153,11 +172,11 @@ def class_permutation(model_map: list | None, data_map: list | None, num_classes
     Returns None when no reordering is needed.
     """
     identity = list(range(num_classes))
+    data_map = as_class_map(data_map, num_classes, "the data's class map")
+    model_map = as_class_map(model_map, num_classes, "the checkpoint's class map")
     data_map = data_map if data_map is not None else identity
     if model_map is None:
         model_map = identity if original_labels else data_map
-    if sorted(model_map) != identity or sorted(data_map) != identity:
-        raise EvalError("class maps of the checkpoint and the data are not permutations of the same classes")
     perm = [0] * num_classes
     for original in range(num_classes):
         perm[data_map[original]] = model_map[original]
@@ -320,6 +339,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     if kind == "teacher" and info["format"] in REFERENCE_FORMATS and arch["arch"] == "resnet32":
         implied = REFERENCE_CIFAR_TEACHER
     cfg, explicit = resolve_config(stored_config(info), implied, args.config, args.overrides + flags)
+    if cfg["eval"]["ema"] and info.get("weights") != "model_ema":  # eval.ema came from --config or an override
+        model, info = load_checkpoint(args.ckpt, ema=True)
     if kind == "student":  # a ViT's position embedding fixes its input size
         if "data.input_size" in explicit and cfg["data"]["input_size"] != arch["img_size"]:
             raise EvalError(f"data.input_size={cfg['data']['input_size']} but the checkpoint's student "
@@ -327,6 +348,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         cfg["data"]["input_size"] = arch["img_size"]
     if cfg["eval"]["analysis"] and kind != "student":
         raise EvalError("--analysis needs a student checkpoint (attention, CLS/DIST features)")
+    teacher, teacher_info = load_checkpoint(args.teacher, teacher=True) if args.teacher else (None, None)
     if args.print_config:
         import yaml
 
@@ -342,7 +364,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     quiet = contextlib.nullcontext() if main_process else contextlib.redirect_stdout(io.StringIO())
     try:
         with quiet:
-            dataset_train, dataset_val = build_datasets(cfg["data"], None, eval_transform)
+            _, dataset_val = build_datasets(cfg["data"], None, eval_transform)
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         raise EvalError(f"cannot build the data: {e}") from None
     num_classes = dataset_val.num_classes
@@ -351,6 +373,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
                         f"the data ({cfg['data']['dataset']}) has {num_classes}")
     perm = class_permutation(info.get("class_map"), dataset_val.class_map, num_classes,
                              original_labels=kind == "teacher" and info["format"] in REFERENCE_FORMATS)
+    if perm is not None:
+        log("the checkpoint's class order differs from the data's: its logits are reordered to the data's")
     dataset = dataset_val
     if cfg["eval"]["max_samples"] is not None and cfg["eval"]["max_samples"] < len(dataset_val):
         n = cfg["eval"]["max_samples"]
@@ -361,16 +385,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     data_loader = accelerator.prepare(data_loader)
 
     # ---------------------------------------------------------------- teacher (agreement analysis)
-    teacher, teacher_size, teacher_perm = None, None, None
-    if args.teacher:
-        if not Path(args.teacher).is_file():
-            raise EvalError(f"teacher checkpoint not found: {args.teacher}")
-        try:
-            teacher, teacher_info = load_teacher(args.teacher)
-        except UnsafeCheckpointError as e:
-            raise EvalError(f"{e}\nNothing in the file was executed.") from None
-        except (CheckpointMismatchError, ValueError, KeyError, RuntimeError) as e:
-            raise EvalError(f"cannot load teacher {args.teacher}: {e}") from None
+    teacher_size, teacher_perm = None, None
+    if teacher is not None:
         if teacher_info["arch"]["num_classes"] != num_classes:
             raise EvalError(f"class count mismatch: the teacher predicts {teacher_info['arch']['num_classes']} "
                             f"classes, the data has {num_classes}")

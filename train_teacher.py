@@ -24,8 +24,11 @@ from data import AUG_SPEC, DATA_SPEC
 from losses.drw import class_balanced_weights
 from losses.ldam import LDAMLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
+from data.paco_views import paco_transform
+from losses.paco import PaCoLoss
+from models.paco import build_paco, paco_to_teacher_state_dict
 from models.teacher import build_teacher
-from utils import check, git_sha, load_config, save_config, seed_everything
+from utils import Nullable, check, git_sha, load_config, save_config, seed_everything
 
 
 def _with_defaults(spec: dict, **defaults) -> dict:
@@ -55,7 +58,7 @@ SPEC = {
         "max_m": (0.5, "LDAM: largest margin (0.5 CIFAR, 0.3 ImageNet-LT/iNat)"),
         "s": (30.0, "LDAM: logit scale"),
         "drw_epoch": (160, "epoch (0-based) from which the loss is class-weighted (DRW); "
-                      "null: never", int),
+                      "null: never", Nullable(int)),
         "drw_beta": (0.9999, "beta of the effective-number class weights"),
         "paco_alpha": (0.01, "PaCo: weight of the contrastive positives (0.01 CIFAR, 0.05 ImageNet)"),
         "paco_beta": (1.0, "PaCo: weight of the parametric (class-centre) positive"),
@@ -120,6 +123,10 @@ def validate(cfg: dict) -> None:
     if o["sam"]:
         check(t["mixed_precision"] != "fp16", "train.mixed_precision",
               "SAM with fp16 loss scaling is not supported; use bf16 or no")
+    if cfg["loss"]["type"] == "paco":
+        check(cfg["loss"]["drw_epoch"] is None, "loss.drw_epoch",
+              "PaCo re-balances with its log class prior: set loss.drw_epoch=null")
+        check(cfg["model"]["head"] == "linear", "model.head", "PaCo's classifier is linear")
     if o["rho_schedule"] is not None:
         check(all(isinstance(p, list) and len(p) == 2 for p in o["rho_schedule"]),
               "optim.rho_schedule", "must be a list of [start_epoch, rho] pairs")
@@ -135,6 +142,21 @@ def learning_rate(cfg: dict, epoch: float) -> float:
         return base * s["gamma"] ** sum(whole >= m for m in s["milestones"])
     progress = (epoch - s["warmup_epochs"]) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"])
     return s["min_lr"] + 0.5 * (base - s["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def compute_loss(model, criterion, images, targets, keys=None):
+    """(loss, PaCo keys or None). PaCo batches are [query view, key view] (PaCo's two views);
+    SAM's second pass passes the first pass's ``keys`` so both see the same contrast set."""
+    if isinstance(criterion, PaCoLoss):
+        out = model(images[0], images[1], targets, keys=keys)
+        return criterion(out.features, out.labels, out.sup_logits), out.keys
+    return criterion(model(images), targets), None
+
+
+def to_device(batch, device):
+    if isinstance(batch, (list, tuple)):
+        return [to_device(b, device) for b in batch]
+    return batch.to(device, non_blocking=True)
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch, cfg,
@@ -158,14 +180,17 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch
             group["rho"] = (rho_for_epoch(cfg["optim"]["rho_schedule"], epoch)
                             if cfg["optim"]["rho_schedule"] else cfg["optim"]["rho"])
         engine.step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
-        window = [tuple(t.to(accelerator.device, non_blocking=True) for t in next(batches))
-                  for _ in range(accum)]
+        window = [to_device(next(batches), accelerator.device) for _ in range(accum)]
+        paco = isinstance(criterion, PaCoLoss)
+        if paco:  # once per update: the key encoder follows the real weights, never w + e
+            accelerator.unwrap_model(model).momentum_update()
         # Pass 1: gradient at w, accumulated over the window (all-reduced at its last batch).
-        step_loss = 0.0
+        step_loss, keys = 0.0, []
         for images, targets in window:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = criterion(model(images), targets)
+                    loss, k = compute_loss(model, criterion, images, targets)
+                keys.append(k)
                 engine.check_finite({"loss": loss}, epoch, step, accelerator)
                 accelerator.backward(loss)
                 step_loss += loss.item() / accum
@@ -187,13 +212,16 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch
                 ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
                 with ctx:
                     with accelerator.autocast():
-                        loss2 = criterion(model(images), targets)
+                        loss2, _ = compute_loss(model, criterion, images, targets, keys[i])
                     engine.check_finite({"loss_perturbed": loss2}, epoch, step, accelerator)
                     accelerator.backward(loss2)
             enable_running_stats(model)
             if cfg["optim"]["clip_grad"]:
                 accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
             sam.second_step(zero_grad=True)
+        if paco:  # once per update (per micro-batch, so no keys are lost), after the step
+            for (_, targets), k in zip(window, keys):
+                accelerator.unwrap_model(model).dequeue_and_enqueue(k, targets)
         total += step_loss
         seen += 1
         bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.2e}")
@@ -205,6 +233,17 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch
         if tcfg["save_every_steps"] and (step + 1) % tcfg["save_every_steps"] == 0 and step + 1 < num_steps:
             save_fn(epoch, step + 1)
     return {"loss": total / max(1, seen), "lr": lr}
+
+
+def teacher_checkpoint(arch, accelerator, model, epoch, cfg, metrics, dataset) -> dict:
+    """Portable teacher checkpoint; a PaCo model is saved as its plain teacher (query
+    backbone + ``linear``, head 'linear'), which is what the student distils from."""
+    payload = engine.portable_checkpoint("teacher", arch, accelerator, model, None, epoch, cfg,
+                                         metrics, dataset)
+    if cfg["loss"]["type"] == "paco":
+        payload["model"] = paco_to_teacher_state_dict(payload["model"], arch["arch"])
+        payload["arch"] = {**arch, "head": "linear"}
+    return payload
 
 
 def teacher_outputs(model, images):
@@ -224,21 +263,29 @@ def main(cfg: dict) -> dict:
                       f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | lr {cfg['optim']['lr']}")
 
     # ------------------------------------------------------------------ data
+    paco_views = (paco_transform(cfg["data"], cfg["data"]["dataset"])
+                  if cfg["loss"]["type"] == "paco" else None)  # PaCo's two augmented views
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
-        engine.build_loaders(cfg, accelerator)
+        engine.build_loaders(cfg, accelerator, train_transform=paco_views)
     counts = dataset_train.train_counts
 
     # ------------------------------------------------------------------ model, loss, optimiser
     m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]
     arch = {"arch": m["arch"], "num_classes": dataset_train.num_classes, "head": m["head"]}
-    model = build_teacher(**arch)
+    if lcfg["type"] == "paco":
+        # PaCo trains a MoCo-style model; the saved teacher is its query backbone + `linear`.
+        model = build_paco(m["arch"], arch["num_classes"], dim=lcfg["paco_dim"], K=lcfg["paco_queue"],
+                           m=lcfg["paco_momentum"])
+        criterion = PaCoLoss(lcfg["paco_alpha"], lcfg["paco_beta"], lcfg["paco_gamma"],
+                             temperature=lcfg["paco_temperature"], K=lcfg["paco_queue"],
+                             num_classes=arch["num_classes"], cls_num_list=counts)
+    else:
+        model = build_teacher(**arch)
     if m["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    if lcfg["type"] == "paco":
-        raise NotImplementedError("loss.type=paco")
     if lcfg["type"] == "ldam":
         criterion = LDAMLoss(counts, max_m=lcfg["max_m"], s=lcfg["s"])
-    else:
+    elif lcfg["type"] == "ce":
         criterion = nn.CrossEntropyLoss()
     sgd = dict(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"])
     if o["sam"]:
@@ -273,7 +320,7 @@ def main(cfg: dict) -> dict:
         weight = drw_weights if drw else None  # DRW: class-balanced weights from drw_epoch on
         if isinstance(criterion, LDAMLoss):
             criterion.weight = weight
-        else:
+        elif not isinstance(criterion, PaCoLoss):  # PaCo re-balances with its log prior
             criterion = nn.CrossEntropyLoss(weight=weight)
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator, epoch,
@@ -288,9 +335,8 @@ def main(cfg: dict) -> dict:
             accelerator.print(f"epoch {epoch}: {engine.summary_line(metrics)}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}
-        engine.epoch_end(accelerator, out, progress, record, metrics, lambda mets: engine.portable_checkpoint(
-            "teacher", arch, accelerator, model, None, epoch, cfg, mets, dataset_train),
-            key="logits")
+        engine.epoch_end(accelerator, out, progress, record, metrics, lambda mets: teacher_checkpoint(
+            arch, accelerator, model, epoch, cfg, mets, dataset_train), key="logits")
         save_state(epoch + 1, 0)
     accelerator.print(f"done: best top-1 {progress['best']}")
     accelerator.end_training()

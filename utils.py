@@ -26,6 +26,13 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what is allowed."""
 
 
+class Nullable:
+    """Spec type marker: a key with a non-null default that also accepts null."""
+
+    def __init__(self, kind) -> None:
+        self.kind = kind
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -39,9 +46,12 @@ def split_spec(spec: dict) -> tuple[dict, dict, dict]:
                 raise TypeError(f"spec leaf {section}.{key} must be (default, help[, type])")
             default, help_text = leaf[0], leaf[1]
             kind = leaf[2] if len(leaf) == 3 else (type(default) if default is not None else object)
+            optional = default is None
+            if isinstance(kind, Nullable):
+                kind, optional = kind.kind, True
             values[section][key] = copy.deepcopy(default)
             helps[f"{section}.{key}"] = help_text
-            types[f"{section}.{key}"] = (kind, default is None)
+            types[f"{section}.{key}"] = (kind, optional)
     return values, helps, types
 
 
@@ -188,7 +198,8 @@ def load_config(spec: dict, argv: list[str] | None = None, description: str = ""
     parser.add_argument("--config", default=None, help="YAML file with sections of overrides "
                         "(may name a `_base_` file to start from)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit")
+                        help="print the resolved config as YAML and exit (keys and types are "
+                             "checked; checks needing files, such as the teacher, are not)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides applied after --config, e.g. optim.lr=5e-4")
     args = parser.parse_args(argv)
@@ -201,7 +212,7 @@ def load_config(spec: dict, argv: list[str] | None = None, description: str = ""
             merge(cfg, updates, types, args.config)
         for text in args.overrides:
             merge(cfg, parse_override(text), types, "command line")
-        if validate is not None:
+        if validate is not None and not args.print_config:
             validate(cfg)
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")

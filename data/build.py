@@ -25,7 +25,8 @@ from .sources import load_source
 
 DATA_SPEC = {
     "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
-                              "thresholds", ("cifar10_lt", "cifar100_lt", "imagenet_lt", "inat18", "generic")),
+                              "thresholds",
+                ("cifar10_lt", "cifar100_lt", "imagenet_lt", "inat18", "generic")),
     "path": (None, "local copy: a folder datasets.load_dataset reads (e.g. ../shared/data/cifar10-jpeg), "
                    "a save_to_disk folder, or parquet file/folder; null = the hub name", str),
     "hub_name": (None, "hub dataset name; null = uoft-cs/cifar10 or uoft-cs/cifar100 by dataset", str),
@@ -142,7 +143,8 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         subset_note = f" after subsetting (imb_type={cfg['imb_type']}, imb_factor={imb})"
     else:
         if dataset in ("imagenet_lt", "inat18") and imb != 1.0:
-            _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, every training image used")
+            _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, "
+                 f"every training image used")
         rows = np.arange(len(labels), dtype=np.int64)
     row_labels = labels[rows]
     counts = np.bincount(row_labels, minlength=num_classes)
@@ -176,7 +178,8 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         _log(f"validation: {len(held)} training images held out ({holdout:.0%} of each class)")
     else:
         if raw.val is None:
-            raise ValueError("no evaluation split: set data.val_split / data.val_list, or data.val_holdout > 0")
+            raise ValueError("no evaluation split: set data.val_split / data.val_list, "
+                             "or data.val_holdout > 0")
         val_source, val_rows = raw.val.source, np.arange(len(raw.val.labels), dtype=np.int64)
         val_targets = raw.val.labels if class_map is None else np.asarray(class_map)[raw.val.labels]
         val_split = cfg["val_split"] if cfg.get("train_list") is None else "val_list"

@@ -19,7 +19,8 @@ REFERENCE_RANGES = {
 MANY_SHOT, FEW_SHOT = 100, 20
 
 
-def class_groups(dataset_name: str, train_counts: Sequence[int], rule: str = "reference") -> dict[str, list[int]]:
+def class_groups(dataset_name: str, train_counts: Sequence[int],
+                 rule: str = "reference") -> dict[str, list[int]]:
     """``{'head', 'mid', 'tail'} -> sorted class indices`` (project order).
 
     ``reference``: the benchmark's index ranges. They assume the benchmark's class count; on a

@@ -36,8 +36,13 @@ def open_rgb(fp: Any, what: str) -> Image.Image:
     error that names ``what`` (the file path or the split and row), not a bare PIL error.
     """
     try:
-        with Image.open(fp) as img:
-            return img.convert("RGB")
+        img = Image.open(fp)
+        img.load()  # decodes and, for a file path, closes the file
+        if img.mode == "RGB":
+            return img  # skips convert's copy: a third of the decode time at 32x32
+        rgb = img.convert("RGB")
+        img.close()
+        return rgb
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image not found: {what}") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -50,7 +50,8 @@ def summarize(data_cfg: dict) -> dict:
 def format_table(summary: dict, max_rows: int = 60) -> str:
     """One line per class; long class lists show their first and last rows."""
     n = summary["num_classes"]
-    rows = list(range(n)) if n <= max_rows else list(range(max_rows // 2)) + [None] + list(range(n - max_rows // 2, n))
+    half = max_rows // 2
+    rows = list(range(n)) if n <= max_rows else list(range(half)) + [None] + list(range(n - half, n))
     width = max([len(summary["class_names"][c]) for c in range(n)] + [5])
     lines = [f"{'class':>6}  {'name':<{width}}  {'train':>7}  {'val':>6}  group"]
     for c in rows:

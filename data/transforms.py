@@ -14,12 +14,16 @@ from typing import Callable
 
 from torchvision import transforms
 
+from utils import Nullable
+
 AUG_SPEC = {
     "train_crop": ("rrc", "training crop: 'rrc' = RandomResizedCrop(scale 0.08-1) as timm create_transform "
                           "(the reference, 32x32 CIFAR upsampled to input_size); 'pad_crop' = "
-                          "RandomCrop(input_size, padding 4) for native-resolution CIFAR", ("rrc", "pad_crop")),
+                          "RandomCrop(input_size, padding 4) for native-resolution CIFAR",
+                   ("rrc", "pad_crop")),
     "hflip": (0.5, "horizontal flip probability"),
-    "aa": ("rand-m9-mstd0.5-inc1", "timm auto-augment policy (RandAugment string); null = none", object),
+    "aa": ("rand-m9-mstd0.5-inc1", "timm auto-augment policy (RandAugment string); null = none",
+           Nullable(str)),
     "color_jitter": (0.3, "colour jitter strength; inactive while aa is set (timm)"),
     "train_interpolation": ("bicubic", "interpolation of the training crop and RandAugment",
                             ("bicubic", "bilinear", "nearest", "lanczos", "random")),

@@ -66,7 +66,8 @@ def make_image_dataset(root: Path, counts_train: list[int], counts_test: list[in
                 folder.mkdir(parents=True, exist_ok=True)
                 img.save(folder / f"{n:05d}.png")
         return root
-    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
+    features = datasets.Features({image_column: datasets.Image(),
+                                  label_column: datasets.ClassLabel(names=names)})
     dd = datasets.DatasetDict({
         split: datasets.Dataset.from_dict({image_column: images, label_column: labels}, features=features)
         for split, (images, labels) in splits.items()})

@@ -196,10 +196,11 @@ def test_distributed_equals_single_process(work, student_run):
     """Two gloo processes (37 images: unequal shards, padded last batch) == one process."""
     two = work["tmp"] / "two.json"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    run_ok(["--ckpt", work["student"], "--teacher", work["teacher"], "--batch-size", 8, "--json", two],
-           work["tmp"], launcher=launcher)
+    proc = run_ok(["--ckpt", work["student"], "--teacher", work["teacher"], "--batch-size", 8, "--json", two],
+                  work["tmp"], launcher=launcher)
     a, b = student_run["json"], json.loads(two.read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    assert proc.stdout.count("processes   2") == 1  # only the main process reports
     assert a["num_samples"] == b["num_samples"] == 37
     for key in ("overall", "top5", "head", "mid", "tail", "cls", "dist", "avg", "groups"):
         assert a[key] == b[key], key
@@ -273,17 +274,18 @@ def test_errors_name_the_problem(work, capsys):
     expect_error(["--ckpt", work["student"], "eval.bogus=1"], capsys, "eval.bogus")
     expect_error(["--ckpt", work["student"], "data.input_size=64"], capsys, "input_size", "32x32")
     expect_error(["--ckpt", work["teacher"], "--analysis"], capsys, "needs a student")
+    expect_error(["--ckpt", work["student"], "--teacher", work["tmp"] / "nope.pth", "--print-config"], capsys,
+                 "teacher checkpoint not found")
+    expect_error(["--ckpt", work["student"], "--teacher", work["student"], "--print-config"], capsys,
+                 "not a teacher")
 
 
-def test_class_count_mismatch(work):
+def test_class_count_mismatch(work, capsys):
     from models import build_student
 
     path = work["tmp"] / "student_5_classes.pth"
     save_student(build_student({**STUDENT_ARCH, "num_classes": 5}), work["cfg"], path)
-    proc = run_eval(["--ckpt", path], work["tmp"])
-    assert proc.returncode != 0
-    assert "class count mismatch" in proc.stderr and "5 classes" in proc.stderr and "10" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    expect_error(["--ckpt", path], capsys, "class count mismatch", "predicts 5 classes", "has 10")
 
 
 def test_missing_keys_refused(work, capsys):
@@ -313,6 +315,7 @@ def test_ema_weights(work, capsys):
     from models import build_student
 
     expect_error(["--ckpt", work["student"], "--ema", "--print-config"], capsys, "model_ema")
+    expect_error(["--ckpt", work["student"], "eval.ema=true", "--print-config"], capsys, "model_ema")
     model, ema = build_student(STUDENT_ARCH), build_student(STUDENT_ARCH)
     path = work["tmp"] / "student_ema.pth"
     save_student(model, work["cfg"], path, model_ema=ema.state_dict())
@@ -465,7 +468,7 @@ def test_feature_rank_known_spectrum():
 
 def test_agreement_and_class_permutation():
     from analysis import agreement
-    from evaluate import class_permutation
+    from evaluate import EvalError, class_permutation
 
     groups = {"head": [0, 1], "mid": [2], "tail": [3]}
     preds = torch.tensor([0, 1, 2, 3, 3, 2])
@@ -486,3 +489,19 @@ def test_agreement_and_class_permutation():
         assert reordered[0, project] == logits[0, original]
     assert class_permutation(None, data_map, 3, original_labels=False) is None
     assert class_permutation(data_map, data_map, 3, original_labels=False) is None
+    # A map stored through JSON has string keys; a map of other classes is refused.
+    assert class_permutation({"0": 2, "1": 0, "2": 1}, data_map, 3, original_labels=False) is None
+    with pytest.raises(EvalError, match="not a permutation"):
+        class_permutation([0, 0, 1], data_map, 3, original_labels=False)
+
+
+def test_pooled_confusion_keeps_rows_at_100():
+    from analysis import pool_confusion
+
+    rows = 100.0 * torch.eye(105, dtype=torch.float64)
+    pooled, block = pool_confusion(rows, max_cells=100)
+    assert block == 2 and pooled.shape == (53, 53)
+    torch.testing.assert_close(pooled.diagonal(), torch.full((53,), 100.0, dtype=torch.float64))
+    torch.testing.assert_close(pooled.sum(1), torch.full((53,), 100.0, dtype=torch.float64))
+    same, block = pool_confusion(rows[:20, :20])
+    assert block == 1 and same.shape == (20, 20)

@@ -241,7 +241,7 @@ def test_every_shipped_config_resolves():
 def test_refuses_output_dir_of_another_run(tiny_data, teacher_ckpt, tmp_path):
     out = tmp_path / "student"
     base = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
-            f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=1"]
+            f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=1", "distill.drw_epoch=1"]
     run(base)
     proc = run(base + ["optim.lr=1e-3"], check=False)
     assert proc.returncode != 0
