@@ -161,7 +161,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, groups: 
 
 
 @torch.no_grad()
-def collect_logits(model, data_loader, accelerator, forward, desc: str = "eval") -> tuple[dict, torch.Tensor]:
+def collect_logits(model, data_loader, accelerator, forward, desc: str = "eval",
+                   progress: bool = True) -> tuple[dict, torch.Tensor]:
     """Run ``forward(model, images) -> dict of logits`` over a prepared loader on every process.
 
     ``gather_for_metrics`` drops the samples accelerate duplicated to even out the last
@@ -173,7 +174,7 @@ def collect_logits(model, data_loader, accelerator, forward, desc: str = "eval")
     outputs: dict[str, list] = {}
     targets = []
     for images, labels in tqdm(data_loader, desc=desc, leave=False,
-                               disable=not accelerator.is_main_process):
+                               disable=not (progress and accelerator.is_main_process)):
         with accelerator.autocast():
             out = forward(model, images)
         out = accelerator.gather_for_metrics({k: v.float() for k, v in out.items()})
@@ -183,9 +184,10 @@ def collect_logits(model, data_loader, accelerator, forward, desc: str = "eval")
     return {k: torch.cat(v) for k, v in outputs.items()}, torch.cat(targets)
 
 
-def evaluate(model, data_loader, accelerator, forward, groups: dict, num_classes: int) -> dict:
+def evaluate(model, data_loader, accelerator, forward, groups: dict, num_classes: int,
+             progress: bool = True) -> dict:
     """Metrics for each output of ``forward`` (e.g. cls, dist, avg for a student)."""
-    logits, targets = collect_logits(model, data_loader, accelerator, forward)
+    logits, targets = collect_logits(model, data_loader, accelerator, forward, progress=progress)
     return {k: classification_metrics(v, targets, groups, num_classes) for k, v in logits.items()}
 
 
@@ -422,7 +424,7 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
     tcfg = cfg["train"]
     dataset_train, dataset_val = build_datasets(
         cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
-        build_transform(False, cfg["data"], cfg["aug"]))
+        build_transform(False, cfg["data"], cfg["aug"]), verbose=accelerator.is_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = SeededSampler(build_train_sampler(dataset_train, cfg["aug"], world, rank, tcfg["seed"]),
                             tcfg["seed"], rank)

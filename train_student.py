@@ -343,10 +343,10 @@ def main(cfg: dict) -> dict:
         last = epoch + 1 == tcfg["epochs"]
         if (epoch + 1) % tcfg["eval_every"] == 0 or last:
             metrics = engine.evaluate(accelerator.unwrap_model(model), data_loader_val, accelerator,
-                                      student_outputs, groups, num_classes)
+                                      student_outputs, groups, num_classes, cfg["log"]["progress"])
             if tcfg["eval_ema"] and model_ema is not None:
                 ema_metrics = engine.evaluate(model_ema.module, data_loader_val, accelerator,
-                                              student_outputs, groups, num_classes)
+                                              student_outputs, groups, num_classes, cfg["log"]["progress"])
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
             accelerator.print(f"epoch {epoch}: {engine.summary_line({k: metrics[k] for k in ('cls', 'dist', 'avg')})}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),

@@ -331,7 +331,8 @@ def main(cfg: dict) -> dict:
             return {"preempted": True}
         if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
             metrics = engine.evaluate(accelerator.unwrap_model(model), data_loader_val, accelerator,
-                                      teacher_outputs, dataset_train.groups, dataset_train.num_classes)
+                                      teacher_outputs, dataset_train.groups, dataset_train.num_classes,
+                                      cfg["log"]["progress"])
             accelerator.print(f"epoch {epoch}: {engine.summary_line(metrics)}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}

@@ -230,12 +230,22 @@ def test_yaml_numbers_and_print_config(tmp_path):
 
 
 def test_every_shipped_config_resolves():
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
-        if "accelerate" in path.parts:
-            continue
-        script = "train_teacher.py" if "teachers" in path.parts else "train_student.py"
-        proc = run([script, "--config", str(path), "--print-config"], check=False)
-        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+    """Every YAML in configs/ parses against its script's spec (keys, types, choices)."""
+    import train_student
+    import train_teacher
+    from utils import load_config
+
+    paths = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if "accelerate" not in p.parts]
+    assert len(paths) >= 20
+    for path in paths:
+        script = train_teacher if "teachers" in path.parts else train_student
+        cfg = load_config(script.SPEC, ["--config", str(path)])  # validation needing files skipped below
+        assert cfg["train"]["output_dir"], path
+        if "cpu" in path.name:  # the CPU configs must also pass the full validation
+            if script is train_student:
+                cfg["distill"]["teacher_ckpt"] = None
+                cfg["distill"]["type"] = "none"
+            script.validate(cfg)
 
 
 def test_refuses_output_dir_of_another_run(tiny_data, teacher_ckpt, tmp_path):
