@@ -365,7 +365,7 @@ def run_main(main, cfg: dict) -> None:
 
     try:
         main(cfg)
-    except (RunFolderError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (RunFolderError, NonFiniteLossError, OSError, ValueError) as e:  # OSError: files, network
         sys.exit(f"error: {e}")
 
 

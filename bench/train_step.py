@@ -28,7 +28,8 @@ hit every mode alike:
   than the bf16 matmul formula (and slower than its own fp32 version), so ``fast`` loses much
   of the bf16 gain in training; this mode measures what the formula recovers.
 - ``compile`` (with ``--compile``): ``fast`` plus ``torch.compile`` of the student
-  (``model.compile=true``); the first warm-up step, which compiles, is reported apart.
+  (``model.compile=true``); ``compile_math`` (on request): ``fast_math`` compiled. The first
+  warm-up step, which compiles, is reported apart (``warmup_s``).
 
 Warm-up steps (``--warmup`` per mode, before its first repeat) are not timed. Reported per
 mode: steps/s and images/s (median, min, max over repeats), peak memory, the teacher's share
@@ -103,6 +104,8 @@ MODES = {
     "fast_math": Mode("fast_math", bf16_autocast=True, fused_attn=False, teacher_channels_last=True),
     "compile": Mode("compile", bf16_autocast=True, fused_attn=True, teacher_channels_last=True,
                     compile=True),
+    "compile_math": Mode("compile_math", bf16_autocast=True, fused_attn=False,
+                         teacher_channels_last=True, compile=True),
 }
 
 

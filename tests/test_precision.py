@@ -49,7 +49,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tiny(bench):
-    """A patch-4, 32x32, depth-2, width-64 student config with the CIFAR teacher at 32.
+    """A patch-4, 32x32, depth-2, width-64 student config, and the bench's ResNet-32 teacher.
 
     lr 1e-3 without the batch/512 rule, so 50 steps of batch 32 learn something.
     """
@@ -59,13 +59,43 @@ def tiny(bench):
                              "model.embed_dim=64", "model.num_heads=2", "train.batch_size=32",
                              "optim.lr=1e-3", "optim.lr_scaling=none", "train.model_ema=false"])
     arch = bench.resolve_arch(cfg)
-    teacher = bench.make_teacher(bench.teacher_spec(cfg, arch))
-    return cfg, arch, teacher
+    # The bench's stand-in teacher: a randomly initialised ResNet-32 with LDAM's normed head.
+    return cfg, arch, bench.make_teacher(bench.teacher_spec(cfg, arch))
+
+
+def informative_teacher() -> torch.nn.Module:
+    """A tiny CNN teacher that recognises the synthetic classes: one convolution whose filters
+    are the class templates (a matched filter), then a linear layer.
+
+    A randomly initialised ResNet-32 predicts one class for every image (its pooled features
+    share one dominant direction), which would make the distillation term trivial; a random
+    ResNet-32 with a fitted head predicts near chance with tiny margins, so bf16 rounding
+    flips its labels on mixed images and the comparison measures the teacher's ties rather
+    than the student's arithmetic. This teacher is right on clean images, with margins like a
+    trained teacher's; it still has the teacher interface the loss relies on (conv weights that
+    take channels-last, eval mode, autocast inside the loss).
+    """
+    templates = class_templates()
+    teacher = torch.nn.Sequential(
+        torch.nn.Conv2d(3, NUM_CLASSES, kernel_size=32, bias=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(NUM_CLASSES, NUM_CLASSES),
+    )
+    with torch.no_grad():
+        teacher[0].weight.copy_(templates / templates[0].numel())
+        teacher[2].weight.copy_(torch.eye(NUM_CLASSES))
+        teacher[2].bias.zero_()
+    teacher.bench_input_size = 32  # what bench.make_teacher records for build_mode
+    return teacher.eval()
+
+
+def class_templates() -> torch.Tensor:
+    return torch.randn(NUM_CLASSES, 3, 32, 32, generator=torch.Generator().manual_seed(123))
 
 
 def learnable_batches(count: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Images = a fixed random template per class + noise: learnable in a few dozen steps."""
-    templates = torch.randn(NUM_CLASSES, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+    templates = class_templates()
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
@@ -209,20 +239,22 @@ def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast: bool) 
 
 
 def test_fp32_and_fast_training_agree(bench, tiny):
-    cfg, arch, teacher = tiny
+    cfg, arch, _ = tiny
+    teacher = informative_teacher()
     batches = learnable_batches(8, cfg["train"]["batch_size"], seed=0)  # a fixed dataset, cycled
     losses, states = {}, {}
-    for mode in ("fp32", "fast"):
+    for mode in ("fp32", "fast", "fast_math"):  # fast_math: bf16 with the explicit attention
         states[mode] = bench.build_mode(bench.MODES[mode], cfg, arch, teacher, CPU)
         # run_steps seeds mixup and drop path per step: both modes see the same draws.
         _, losses[mode], _ = bench.run_steps(states[mode], batches, 0, 50)
     last = {mode: sum(v[-10:]) / 10 for mode, v in losses.items()}
     first = sum(losses["fp32"][:10]) / 10
     assert last["fp32"] < 0.85 * first, f"the tiny student did not learn: {first:.3f} -> {last['fp32']:.3f}"
-    assert abs(last["fast"] - last["fp32"]) <= 0.02 * last["fp32"], last
+    for mode in ("fast", "fast_math"):
+        assert abs(last[mode] - last["fp32"]) <= 0.02 * last["fp32"], last
 
     # The same (fp32-trained) weights, evaluated both ways on held-out images.
-    x, y = (torch.cat(t) for t in zip(*learnable_batches(8, 128, seed=1)))  # 1024 images
+    x, y = (torch.cat(t) for t in zip(*learnable_batches(16, 128, seed=1)))  # 2048 images
     model = states["fp32"].raw_model
     acc_fp32, acc_fast = _top1(model, x, y, fast=False), _top1(model, x, y, fast=True)
     assert acc_fp32["cls"] > 50.0, acc_fp32  # far above chance (10%): a meaningful check
