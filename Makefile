@@ -20,13 +20,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # The main job: a small CIFAR-10-LT IF100 run on CPU (about 10 minutes on 2 cores): the CPU
-# teacher and student configs with short schedules (40 steps per epoch).
+# teacher and student configs with short schedules (40 steps per epoch). Interrupted, the
+# same command resumes; `make clean-main` starts over.
 MAIN_TEACHER_ARGS ?= train.epochs=4 train.max_steps_per_epoch=40 sched.warmup_epochs=1 \
-	loss.drw_epoch=3 sched.milestones=[3] train.resume=never
+	loss.drw_epoch=3 sched.milestones=[3]
 MAIN_STUDENT_ARGS ?= train.epochs=3 train.max_steps_per_epoch=40 sched.warmup_epochs=1 \
-	distill.drw_epoch=2 train.resume=never
+	distill.drw_epoch=2
 main: setup
-	rm -rf $(OUT)
 	$(PY) train_teacher.py --config configs/teachers/cifar10_lt_cpu.yaml $(DATA_ARG) \
 		train.output_dir=$(OUT)/teacher $(MAIN_TEACHER_ARGS)
 	$(PY) train_student.py --config configs/cifar10_lt_cpu.yaml $(DATA_ARG) \

@@ -134,6 +134,23 @@ def validate(cfg: dict) -> None:
               f"must be in [0, train.epochs={t['epochs']}]")
 
 
+def scaled_lr(cfg: dict, world_size: int) -> float:
+    """DeiT's rule: lr x batch per process x processes / 512 (RECIPE section 2)."""
+    t = cfg["train"]
+    factor = {"reference": t["batch_size"] * world_size / 512,
+              "with_accum": t["batch_size"] * world_size * t["accum_steps"] / 512,
+              "none": 1.0}[cfg["optim"]["lr_scaling"]]
+    return cfg["optim"]["lr"] * factor
+
+
+def build_scheduler(cfg: dict, optimizer) -> CosineLRScheduler:
+    """timm cosine over all epochs, warm-up from warmup_lr not as a prefix (the reference)."""
+    s = cfg["sched"]
+    return CosineLRScheduler(optimizer, t_initial=cfg["train"]["epochs"], lr_min=s["min_lr"],
+                             warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"],
+                             cycle_limit=1, t_in_epochs=True)
+
+
 def build_base_criterion(cfg: dict, mixup_active: bool, class_weights=None) -> nn.Module:
     if mixup_active:
         return SoftTargetCrossEntropy()
@@ -153,13 +170,10 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
         return list(student_map)
     if teacher_map == student_map:
         return None
-    if student_map is None:
-        raise ValueError("the teacher was trained with a class map but the student's data has "
-                         "none: set distill.map_targets explicitly")
-    # Both have maps: teacher label -> original label -> student label.
-    inverse = {t: o for o, t in enumerate(teacher_map)}
-    accelerator.print("teacher and student class orders differ: composing their class maps")
-    return [student_map[inverse[t]] for t in range(len(teacher_map))]
+    raise ValueError(
+        f"the teacher's label order (class map stored in {cfg['distill']['teacher_ckpt']}) differs "
+        f"from the student's data: it was trained on other data or another class order. Use a "
+        f"teacher trained on this data, or distill.map_targets=yes/no to say how its labels map")
 
 
 def teacher_input_size(info: dict, student_size: int) -> int:
@@ -239,10 +253,7 @@ def main(cfg: dict) -> dict:
     resume_dir = engine.find_resume_state(out, cfg)
     seed_everything(tcfg["seed"] + accelerator.process_index)
     world = accelerator.num_processes
-    scale = {"reference": tcfg["batch_size"] * world / 512,
-             "with_accum": tcfg["batch_size"] * world * tcfg["accum_steps"] / 512,
-             "none": 1.0}[cfg["optim"]["lr_scaling"]]
-    peak_lr = cfg["optim"]["lr"] * scale
+    peak_lr = scaled_lr(cfg, world)
     accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
                       f"precision {accelerator.mixed_precision} | effective batch "
                       f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | peak lr {peak_lr:.3e}")
@@ -264,10 +275,7 @@ def main(cfg: dict) -> dict:
     o = cfg["optim"]
     optimizer = create_optimizer_v2(model, o["opt"], lr=peak_lr, weight_decay=o["weight_decay"],
                                     eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
-    s = cfg["sched"]
-    lr_scheduler = CosineLRScheduler(optimizer, t_initial=tcfg["epochs"], lr_min=s["min_lr"],
-                                     warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"],
-                                     cycle_limit=1, t_in_epochs=True)
+    lr_scheduler = build_scheduler(cfg, optimizer)
     if m["compile"]:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -40,9 +40,10 @@ high-water mark is reset before each repeat through ``/proc/self/clear_refs``, a
 every mode's weights and optimiser state held by the process (``step_mem_mb`` is the growth
 during the repeat). On CUDA it is ``torch.cuda.max_memory_allocated``.
 
-``--eval-check`` also trains the student briefly in the fast mode on the shared CIFAR-10 copy
+``--eval-check`` also trains the student briefly in a bf16 mode on the shared CIFAR-10 copy
 (LT subset, eval transform, no teacher) and compares top-1 of the same weights evaluated in
-fp32 and in the fast mode on the CIFAR-10 test split.
+fp32, ``fast`` and ``fast_math`` on the CIFAR-10 test split (meant for native-resolution
+configs: at 224 the 10,000 test images take long on a CPU; ``--eval-images`` limits them).
 
 This is a benchmark, not a test: nothing is asserted. Numbers are printed and saved as JSON
 (default ``bench/results/train_step_<config stem>.json``).
@@ -62,7 +63,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,7 +75,7 @@ from timm.utils import ModelEmaV2  # noqa: E402
 
 import engine  # noqa: E402
 from losses.distillation import DistillationLoss  # noqa: E402
-from models.student import build_student, student_arch  # noqa: E402
+from models.student import build_student, set_fused_attn, student_arch  # noqa: E402
 from models.teacher import build_teacher  # noqa: E402
 from train_student import SPEC, build_base_criterion  # noqa: E402
 from utils import atomic_write_text, load_config, to_plain  # noqa: E402
@@ -312,6 +312,33 @@ def time_teacher(state: ModeState, mixed: torch.Tensor, calls: int) -> list[floa
     return times
 
 
+@torch.no_grad()
+def teacher_variants(teacher: nn.Module, mixed: torch.Tensor, input_size: int, calls: int,
+                     device: torch.device) -> dict:
+    """Median ms per teacher forward (resize included) in layouts and precisions the loss could use.
+
+    ``fp32_nchw``: the fp32 mode's teacher; ``bf16_autocast_channels_last``: the fast mode's;
+    ``bf16_weights_channels_last``: the frozen teacher converted to bf16 (weights and input),
+    which skips autocast's per-call weight casts and fp32 batch norms. Not used by the modes:
+    reported to show what the teacher could still gain.
+    """
+    def loss_with(net: nn.Module) -> DistillationLoss:
+        return DistillationLoss(nn.Identity(), net, "hard", 0.5, 1.0, teacher_input_size=input_size)
+
+    fp32 = loss_with(ContiguousInput(copy.deepcopy(teacher).to(device)))
+    fp32.teacher.to(memory_format=torch.contiguous_format)
+    fast = loss_with(copy.deepcopy(teacher).to(device))
+    bf16 = loss_with(copy.deepcopy(teacher).to(device, torch.bfloat16))
+    variants = {"fp32_nchw": (fp32, MODES["fp32"], mixed),
+                "bf16_autocast_channels_last": (fast, MODES["fast"], mixed),
+                "bf16_weights_channels_last": (bf16, MODES["fp32"], mixed.to(torch.bfloat16))}
+    out = {}
+    for name, (criterion, mode, x) in variants.items():
+        state = ModeState(mode, device, None, None, criterion, None, None, None, None)
+        out[name] = 1000 * statistics.median(time_teacher(state, x, calls))
+    return out
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -412,7 +439,12 @@ def benchmark(cfg: dict, modes: list[Mode], steps: int, repeats: int, warmup: in
                    "process max RSS (getrusage ru_maxrss), high-water mark reset per repeat via "
                    "/proc/self/clear_refs" if peak_reset_ok else
                    "process max RSS (getrusage ru_maxrss) since process start: could not reset")
-    return {"arch": arch, "teacher": spec, "modes": results, "peak_mem_kind": memory_kind}, states
+    out = {"arch": arch, "teacher": spec, "modes": results, "peak_mem_kind": memory_kind}
+    if teacher is not None and teacher_calls > 0:
+        # The last mixed batch of the last mode: any mixed batch of this shape will do.
+        out["teacher_variants_ms"] = teacher_variants(teacher, mixed, spec["input_size"],
+                                                      teacher_calls, device)
+    return out, states
 
 
 # ----------------------------------------------------------------------------- eval check
@@ -453,11 +485,12 @@ def accuracy(state: ModeState, model: nn.Module, images: torch.Tensor, labels: t
 
 def eval_check(cfg: dict, device: torch.device, data_path: str, train_steps: int,
                eval_images: int | None) -> dict:
-    """fp32 vs fast-mode top-1 of the same weights on the CIFAR test split.
+    """Top-1 of the same weights evaluated in fp32 and in the bf16 modes on the CIFAR test split.
 
-    The weights: the student trained ``train_steps`` steps in the fast mode on the config's
-    training subset (eval transform, mixup as configured, ``distill.type=none``: no teacher
-    checkpoint exists here, and the check is about the student's arithmetic).
+    The weights: the student trained ``train_steps`` steps in a bf16 mode (``fast_math`` on
+    CPU, the faster one there; ``fast`` on CUDA) on the config's training subset, with the
+    eval transform and mixup as configured, and ``distill.type=none``: no teacher checkpoint
+    exists here, and the check is about the student's arithmetic.
     """
     from data import build_datasets, build_transform
 
@@ -472,7 +505,8 @@ def eval_check(cfg: dict, device: torch.device, data_path: str, train_steps: int
 
     train_cfg = {**cfg, "distill": {**cfg["distill"], "type": "none"}}
     arch = resolve_arch(cfg)
-    state = build_mode(MODES["fast"], train_cfg, arch, None, device)
+    train_mode = MODES["fast" if device.type == "cuda" else "fast_math"]
+    state = build_mode(train_mode, train_cfg, arch, None, device)
     batch = cfg["train"]["batch_size"]
     g = torch.Generator().manual_seed(0)
     start, losses = time.perf_counter(), []
@@ -481,29 +515,27 @@ def eval_check(cfg: dict, device: torch.device, data_path: str, train_steps: int
         engine.step_seed(0, 1, step, 0)
         loss, _ = train_step(state, x_train[idx].to(device), y_train[idx].to(device))
         losses.append(loss)
-    train_s = time.perf_counter() - start
-    print(f"[eval-check] trained {train_steps} fast steps in {train_s:.0f} s, last loss "
-          f"{losses[-1]:.3f}", flush=True)
+    print(f"[eval-check] trained {train_steps} {train_mode.name} steps in "
+          f"{time.perf_counter() - start:.0f} s, last loss {losses[-1]:.3f}", flush=True)
 
-    model = state.raw_model
-    fp32_state = copy.copy(state)
-    fp32_state.mode = MODES["fp32"]
-    from models.student import set_fused_attn
-
-    set_fused_attn(model, False)
-    acc_fp32, pred_fp32 = accuracy(fp32_state, model, x_test, y_test, 2 * batch)
-    set_fused_attn(model, True)
-    acc_fast, pred_fast = accuracy(state, model, x_test, y_test, 2 * batch)
+    top1, preds = {}, {}
+    for name in ("fp32", "fast", "fast_math"):
+        mode_state = copy.copy(state)
+        mode_state.mode = MODES[name]
+        set_fused_attn(state.raw_model, MODES[name].fused_attn)
+        top1[name], preds[name] = accuracy(mode_state, state.raw_model, x_test, y_test, 2 * batch)
     return {
-        "data": f"{data_path} test split ({len(y_test)} images), "
-                f"input {arch['img_size']} via the eval transform",
-        "weights": f"random init + {train_steps} fast-mode steps (batch {batch}) on the "
+        "data": f"{data_path} test split ({len(y_test)} images), input {arch['img_size']} "
+                f"via the eval transform",
+        "weights": f"random init + {train_steps} {train_mode.name} steps (batch {batch}) on the "
                    f"{len(y_train)}-image training subset, distill.type=none",
         "train_loss_first_last": [losses[0], losses[-1]],
-        "top1_fp32": acc_fp32,
-        "top1_fast": acc_fast,
-        "top1_diff_points": {k: acc_fast[k] - acc_fp32[k] for k in acc_fp32},
-        "avg_prediction_agreement": 100.0 * (pred_fp32 == pred_fast).float().mean().item(),
+        "top1": top1,
+        "top1_diff_points_vs_fp32": {name: {k: top1[name][k] - top1["fp32"][k] for k in top1[name]}
+                                     for name in ("fast", "fast_math")},
+        "avg_prediction_agreement_vs_fp32": {
+            name: 100.0 * (preds[name] == preds["fp32"]).float().mean().item()
+            for name in ("fast", "fast_math")},
     }
 
 
@@ -517,7 +549,7 @@ def print_table(report: dict) -> None:
           f"{report['arch']['patch_size']}, dim {report['arch']['embed_dim']}, depth "
           f"{report['arch']['depth']}) | teacher {report['teacher']} | batch {report['batch_size']} | "
           f"{report['device']} | torch {report['torch']} | {report['threads']} threads")
-    header = (f"{'mode':8} {'img/s med':>10} {'min':>8} {'max':>8} {'steps/s':>8} {'step ms':>8} "
+    header = (f"{'mode':12} {'img/s med':>10} {'min':>8} {'max':>8} {'steps/s':>8} {'step ms':>8} "
               f"{'peak MB':>8} {'step MB':>8} {'teacher ms':>10} {'t.share':>7}")
     print(header)
     print("-" * len(header))
@@ -525,10 +557,10 @@ def print_table(report: dict) -> None:
         share = r.get("teacher_share")
         teacher_ms = r.get("teacher_ms_median")
         step_mem = r["step_mem_mb"]
-        print(f"{name:8} {r['img_per_s']['median']:10.1f} {r['img_per_s']['min']:8.1f} "
+        print(f"{name:12} {r['img_per_s']['median']:10.1f} {r['img_per_s']['min']:8.1f} "
               f"{r['img_per_s']['max']:8.1f} {r['steps_per_s']['median']:8.3f} "
               f"{r['step_ms_median']:8.1f} {r['peak_mem_mb']:8.0f} "
-              f"{'-' if step_mem is None else f'{step_mem:.0f}':>8} "
+              f"{'-' if step_mem is None else f'{max(step_mem, 0.0):.0f}':>8} "
               f"{'-' if teacher_ms is None else f'{teacher_ms:.1f}':>10} "
               f"{'-' if share is None else f'{100 * share:.1f}%':>7}")
     if "fast_over_fp32" in report:
@@ -537,17 +569,26 @@ def print_table(report: dict) -> None:
     for name, value in report.get("speedup_over_fp32", {}).items():
         if name != "fast":
             print(f"{name} / fp32: {value:.2f}x (median of per-repeat ratios)")
-    if "compile_over_fast" in report:
-        print(f"compile / fast: {report['compile_over_fast']:.2f}x; first compiled step "
-              f"{report['modes']['compile']['warmup_s'][0]:.0f} s")
+    for name, base in (("compile", "fast"), ("compile_math", "fast_math")):
+        if f"{name}_over_{base}" in report:
+            print(f"{name} / {base}: {report[f'{name}_over_{base}']:.2f}x; first (compiling) step "
+                  f"{report['modes'][name]['warmup_s'][0]:.0f} s")
+    if "teacher_variants_ms" in report:
+        step = report["modes"].get("fast_math", report["modes"].get("fast", {})).get("step_ms_median")
+        print("teacher forward (ms, median): " + ", ".join(
+            f"{k} {v:.1f}" + (f" ({100 * v / step:.1f}% of a {'fast_math' if 'fast_math' in report['modes'] else 'fast'} step)" if step else "")
+            for k, v in report["teacher_variants_ms"].items()))
     print(f"peak memory: {report['peak_mem_kind']}")
     if "eval_check" in report:
         e = report["eval_check"]
-        print(f"eval check ({e['data']}; {e['weights']}):")
-        for head in ("cls", "dist", "avg"):
-            print(f"  {head:4} top-1 fp32 {e['top1_fp32'][head]:6.2f}  fast {e['top1_fast'][head]:6.2f}  "
-                  f"diff {e['top1_diff_points'][head]:+.2f} points")
-        print(f"  avg-head predictions identical on {e['avg_prediction_agreement']:.2f}% of images")
+        print(f"eval check: {e['data']}; weights: {e['weights']}")
+        for name, acc in e["top1"].items():
+            line = "  ".join(f"{head} {acc[head]:6.2f}" for head in ("cls", "dist", "avg"))
+            if name != "fp32":
+                diff = e["top1_diff_points_vs_fp32"][name]
+                line += (f"  | diff vs fp32 (points): " + " ".join(f"{h} {diff[h]:+.2f}" for h in diff)
+                         + f" | identical avg predictions {e['avg_prediction_agreement_vs_fp32'][name]:.2f}%")
+            print(f"  {name:10} top-1 {line}")
 
 
 def ratios(modes: dict, num: str, den: str) -> list[float]:
@@ -572,7 +613,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="torch threads (default: engine.set_cpu_threads, i.e. all cores)")
     parser.add_argument("--eval-check", action="store_true",
                         help="also compare fp32 vs fast top-1 of briefly trained weights on the CIFAR test split")
-    parser.add_argument("--eval-train-steps", type=int, default=300)
+    parser.add_argument("--eval-train-steps", type=int, default=200,
+                        help="training steps that produce the weights of --eval-check")
     parser.add_argument("--eval-images", type=int, default=None, help="test images (default: all)")
     parser.add_argument("--data-path", default=None,
                         help="data for --eval-check (default: data.path, else ../shared/data/cifar10-jpeg)")
@@ -633,6 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["teacher_share"] = modes["fast"].get("teacher_share")
     if "compile" in modes and "fast" in modes:
         report["compile_over_fast"] = statistics.median(ratios(modes, "compile", "fast"))
+    if "compile_math" in modes and "fast_math" in modes:
+        report["compile_math_over_fast_math"] = statistics.median(ratios(modes, "compile_math", "fast_math"))
     if args.eval_check:
         data_path = args.data_path or cfg["data"]["path"] or str(ROOT.parent / "shared" / "data" / "cifar10-jpeg")
         report["eval_check"] = eval_check(cfg, device, data_path, args.eval_train_steps, args.eval_images)

@@ -184,6 +184,11 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, teacher_ckpt, tmp_path):
 
 def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     """2 gloo processes (MULTI_GPU launcher, no GPU, Accelerator(cpu=True)): saves once."""
+    tout = tmp_path / "teacher_ddp"
+    proc = run(["train_teacher.py", *TEACHER_ARGS, f"data.path={tiny_data}", f"train.output_dir={tout}",
+                "train.batch_size=8"], launch=["--multi_gpu", "--num_processes", "2"])
+    assert "processes 2" in proc.stdout
+    assert [line["epoch"] for line in log_lines(tout)] == [0, 1]
     out = tmp_path / "ddp"
     proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
                 f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=2", "train.batch_size=8"],
@@ -193,6 +198,13 @@ def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     assert [line["epoch"] for line in log_lines(out)] == [0, 1]  # one writer
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["metrics"]["avg"]["num_samples"] == sum(COUNTS_TEST)
+    # The 2-process evaluation inside training equals a 1-process evaluate.py of the weights.
+    single = run(["evaluate.py", "--ckpt", str(out / "checkpoint.pth"), "--json", str(tmp_path / "e.json")])
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["world_size"] == 1
+    for head in ("cls", "dist", "avg"):
+        assert result[head]["top1"] == ckpt["metrics"][head]["top1"]
+        assert result[head]["per_class"] == ckpt["metrics"][head]["per_class"]
     # resume in 2 processes
     proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
                 f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=3", "train.batch_size=8"],
@@ -276,3 +288,58 @@ def test_teacher_with_wrong_number_of_classes_is_rejected(tiny_data, tmp_path):
                 f"train.output_dir={tmp_path / 's'}", f"distill.teacher_ckpt={bad}"], check=False)
     assert proc.returncode != 0
     assert "100 classes" in proc.stderr and "10" in proc.stderr
+
+
+def test_reference_lr_rule_and_schedule():
+    """RECIPE section 2: peak 5e-4 x 128 x 2 / 512 = 2.5e-4; cosine over 1200 epochs with 5
+    warm-up epochs from 1e-6 (not a prefix), floor 1e-5."""
+    import train_student
+    from utils import load_config
+
+    cfg = load_config(train_student.SPEC, ["--config", str(ROOT / "configs" / "cifar10_lt.yaml")])
+    peak = train_student.scaled_lr(cfg, world_size=2)
+    assert peak == pytest.approx(2.5e-4)
+    cfg["optim"]["lr_scaling"] = "with_accum"
+    assert train_student.scaled_lr(cfg, world_size=2) == pytest.approx(1e-3)
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=peak)
+    sched = train_student.build_scheduler(cfg, opt)
+    for epoch, expected in ((0, 1e-6), (1, 5.08e-5), (600, 1.30e-4), (1100, 1.409e-5), (1200, 1e-5)):
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=2e-3), epoch
+
+
+def test_teacher_with_other_label_order_is_rejected(tiny_data, teacher_ckpt, tmp_path):
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ckpt["class_map"] = list(reversed(range(10)))
+    other = tmp_path / "teacher_other_order.pth"
+    torch.save(ckpt, other)
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}",
+                f"train.output_dir={tmp_path / 's'}", f"distill.teacher_ckpt={other}"], check=False)
+    assert proc.returncode != 0
+    assert "label order" in proc.stderr
+    assert not (tmp_path / "s" / "checkpoint.pth").exists()
+
+
+def test_main_job_pipeline_on_tiny_data(tmp_path):
+    """`make main` end to end (teacher -> student -> evaluate) on generated CIFAR-like data."""
+    data = make_image_dataset(tmp_path / "data", [30] * 10, [5] * 10, size=32)
+    out = tmp_path / "main"
+    quick = "data.imb_factor=0.1 data.num_workers=0 train.batch_size=16 log.progress=false"
+    proc = subprocess.run(
+        ["make", "-o", str(Path(sys.executable).parents[1] / ".installed"), "main", f"DATA={data}", f"OUT={out}", f"PY={sys.executable}",
+         f"MAIN_TEACHER_ARGS=train.epochs=2 train.max_steps_per_epoch=2 loss.drw_epoch=1 "
+         f"sched.milestones=[1] sched.warmup_epochs=1 {quick}",
+         f"MAIN_STUDENT_ARGS=train.epochs=2 train.max_steps_per_epoch=2 distill.drw_epoch=1 "
+         f"sched.warmup_epochs=1 model.depth=1 model.embed_dim=48 {quick}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "VENV": str(Path(sys.executable).parents[1])})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for head in ("cls", "dist", "avg"):
+        assert head in proc.stdout
+    assert "tail" in proc.stdout
+    result = json.loads((out / "eval.json").read_text())
+    assert result["kind"] == "student" and result["overall"] == result["avg"]["top1"]
+    assert result["num_samples"] == 50
+    assert (out / "eval" / "per_class_accuracy.png").stat().st_size > 0
+    assert (out / "eval" / "confusion_matrix.png").stat().st_size > 0
+    assert (out / "teacher" / "checkpoint.pth").is_file() and (out / "student" / "checkpoint.pth").is_file()
