@@ -1,0 +1,88 @@
+"""Cost of SAM against plain SGD for a teacher training step, measured in one run.
+
+    python bench/sam_cost.py [--arch resnet32] [--batch-size 128] [--steps 5] [--repeats 3]
+
+Alternates SGD and SAM (two forward/backward passes) steps on the same synthetic batch, in
+bf16 autocast on CPU, and prints the median ratio of step times with min/max over repeats;
+saves JSON (default bench/results/sam_cost.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import set_cpu_threads  # noqa: E402
+from losses.ldam import LDAMLoss  # noqa: E402
+from losses.sam import SAM, disable_running_stats, enable_running_stats  # noqa: E402
+from models.teacher import build_teacher  # noqa: E402
+
+
+def time_steps(model, optimizer, criterion, x, y, steps: int, sam: bool) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = criterion(model(x).float(), y)
+        loss.backward()
+        if sam:
+            optimizer.first_step(zero_grad=True)
+            disable_running_stats(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                criterion(model(x).float(), y).backward()
+            enable_running_stats(model)
+            optimizer.second_step(zero_grad=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet32", help="teacher architecture")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat and mode")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "sam_cost.json"), help="output JSON")
+    args = parser.parse_args()
+    set_cpu_threads()
+    torch.manual_seed(0)
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    model = build_teacher(args.arch, 10, "normed").to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+    criterion = LDAMLoss(counts)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.01, momentum=0.9)
+    time_steps(model, sgd, criterion, x, y, 2, sam=False)  # warm-up
+    time_steps(model, sam, criterion, x, y, 2, sam=True)
+    rows = []
+    for _ in range(args.repeats):
+        t_sgd = time_steps(model, sgd, criterion, x, y, args.steps, sam=False)
+        t_sam = time_steps(model, sam, criterion, x, y, args.steps, sam=True)
+        rows.append({"sgd_s": t_sgd, "sam_s": t_sam, "ratio": t_sam / t_sgd})
+    ratios = [r["ratio"] for r in rows]
+    result = {"arch": args.arch, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "precision": "bf16 autocast", "repeats": rows, "sam_over_sgd_median": statistics.median(ratios),
+              "sam_over_sgd_min": min(ratios), "sam_over_sgd_max": max(ratios),
+              "sgd_img_per_s_median": statistics.median(args.batch_size / r["sgd_s"] for r in rows),
+              "sam_img_per_s_median": statistics.median(args.batch_size / r["sam_s"] for r in rows)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'repeat':>6} {'SGD s/step':>11} {'SAM s/step':>11} {'SAM/SGD':>8}")
+    for i, r in enumerate(rows):
+        print(f"{i:>6} {r['sgd_s']:>11.3f} {r['sam_s']:>11.3f} {r['ratio']:>8.2f}")
+    print(f"SAM/SGD step time: median {result['sam_over_sgd_median']:.2f} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
