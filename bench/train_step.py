@@ -610,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--teacher-calls", type=int, default=None,
                         help="timed teacher forwards after each repeat (default: --steps)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: engine.set_cpu_threads, i.e. all cores)")
+                        help="torch threads (default: engine.set_cpu_threads, as the training scripts)")
     parser.add_argument("--eval-check", action="store_true",
                         help="also compare fp32 vs fast top-1 of briefly trained weights on the CIFAR test split")
     parser.add_argument("--eval-train-steps", type=int, default=200,
