@@ -31,7 +31,7 @@ from losses.distillation import DistillationLoss
 from losses.drw import class_balanced_weights
 from models.student import build_student, student_logits, student_arch
 from models.teacher import load_teacher
-from utils import check, git_sha, load_config, save_config, seed_everything
+from utils import check, git_sha, load_config, save_config, seed_everything, with_defaults
 
 SPEC = {
     "data": dict(DATA_SPEC),
@@ -85,39 +85,18 @@ SPEC = {
                         "map; 'no': teacher already uses the student's order", ("auto", "yes", "no")),
     },
     "train": {
-        "epochs": (1200, "training epochs"),
-        "batch_size": (128, "images per process per step (before accumulation)"),
-        "accum_steps": (1, "gradient accumulation steps"),
-        "seed": (0, "run seed (model init, augmentation, mixup, drop path)"),
-        "output_dir": ("output/student", "folder for log.txt, config.yaml, state/, checkpoints"),
-        "resume": ("auto", "'auto': continue the folder's run if the config matches; 'never': "
-                   "refuse a used folder; 'force': continue despite config changes",
-                   ("auto", "never", "force")),
-        "max_steps_per_epoch": (None, "cap on optimiser steps per epoch (quick runs); null: all", int),
-        "save_every_steps": (0, "also save the resume state every N steps inside an epoch (0: "
-                             "only at epoch ends)"),
-        "mixed_precision": (None, "'bf16', 'fp16' or 'no'; null: as accelerate launch says",
-                            ("no", "fp16", "bf16")),
+        **with_defaults(engine.RUN_SPEC, epochs=1200, output_dir="output/student"),
         "model_ema": (True, "keep an EMA of the weights (timm ModelEmaV2), saved in checkpoints"),
         "model_ema_decay": (0.99996, "EMA decay"),
         "eval_ema": (False, "also evaluate the EMA weights every epoch"),
-        "eval_every": (1, "evaluate every N epochs (and always after the last)"),
-        "eval_batch_size": (None, "eval batch per process (null: 2 x batch_size)", int),
     },
-    "log": {
-        "progress": (True, "show progress bars"),
-        "print_every": (0, "also print a line every N steps (0: only per epoch)"),
-    },
+    "log": dict(engine.LOG_SPEC),
 }
 
 
 def validate(cfg: dict) -> None:
-    o, t, d = cfg["optim"], cfg["train"], cfg["distill"]
-    check(o["lr"] > 0, "optim.lr", f"must be > 0, got {o['lr']}")
-    check(0 < cfg["data"]["imb_factor"] <= 1, "data.imb_factor", "must be in (0, 1]")
-    check(t["epochs"] > 0, "train.epochs", "must be > 0")
-    check(t["batch_size"] > 0, "train.batch_size", "must be > 0")
-    check(t["accum_steps"] >= 1, "train.accum_steps", "must be >= 1")
+    engine.validate_run(cfg)
+    t, d = cfg["train"], cfg["distill"]
     check(0.0 <= d["alpha"] <= 1.0, "distill.alpha", "must be in [0, 1]")
     check(d["tau"] > 0, "distill.tau", "must be > 0")
     check(cfg["sched"]["warmup_epochs"] >= 0, "sched.warmup_epochs", "must be >= 0")

@@ -28,21 +28,14 @@ from data.paco_views import paco_transform
 from losses.paco import PaCoLoss
 from models.paco import build_paco, paco_to_teacher_state_dict
 from models.teacher import build_teacher
-from utils import Nullable, check, git_sha, load_config, save_config, seed_everything
-
-
-def _with_defaults(spec: dict, **defaults) -> dict:
-    """A copy of a shared spec section with other defaults (help texts kept)."""
-    out = dict(spec)
-    for key, value in defaults.items():
-        out[key] = (value,) + tuple(spec[key][1:])
-    return out
+from utils import (Nullable, check, git_sha, load_config, save_config, seed_everything,
+                   with_defaults)
 
 
 SPEC = {
     # Native 32x32 CIFAR: the LDAM recipe's RandomCrop(32, 4) + flip + CIFAR normalisation.
-    "data": _with_defaults(DATA_SPEC, input_size=32),
-    "aug": _with_defaults(AUG_SPEC, train_crop="pad_crop", aa=None, reprob=0.0, normalize="cifar",
+    "data": with_defaults(DATA_SPEC, input_size=32),
+    "aug": with_defaults(AUG_SPEC, train_crop="pad_crop", aa=None, reprob=0.0, normalize="cifar",
                           eval_crop_ratio=1.0, repeated_aug=False, mixup=0.0, cutmix=0.0,
                           smoothing=0.0),
     "model": {
@@ -89,36 +82,17 @@ SPEC = {
         "min_lr": (0.0, "cosine floor"),
     },
     "train": {
-        "epochs": (200, "training epochs"),
-        "batch_size": (128, "images per process per step (before accumulation)"),
+        **with_defaults(engine.RUN_SPEC, epochs=200, output_dir="output/teacher"),
         "accum_steps": (1, "gradient accumulation steps (SAM perturbs the accumulated gradient)"),
-        "seed": (0, "run seed"),
-        "output_dir": ("output/teacher", "folder for log.txt, config.yaml, state/, checkpoints"),
-        "resume": ("auto", "'auto': continue the folder's run if the config matches; 'never': "
-                   "refuse a used folder; 'force': continue despite config changes",
-                   ("auto", "never", "force")),
-        "max_steps_per_epoch": (None, "cap on optimiser steps per epoch (quick runs); null: all", int),
-        "save_every_steps": (0, "also save the resume state every N steps (0: epoch ends only)"),
-        "mixed_precision": (None, "'bf16', 'fp16' or 'no'; null: as accelerate launch says",
-                            ("no", "fp16", "bf16")),
-        "eval_every": (1, "evaluate every N epochs (and always after the last)"),
-        "eval_batch_size": (None, "eval batch per process (null: 2 x batch_size)", int),
     },
-    "log": {
-        "progress": (True, "show progress bars"),
-        "print_every": (0, "also print a line every N steps (0: only per epoch)"),
-    },
+    "log": dict(engine.LOG_SPEC),
 }
 
 
 def validate(cfg: dict) -> None:
+    engine.validate_run(cfg)
     o, t, s = cfg["optim"], cfg["train"], cfg["sched"]
-    check(o["lr"] > 0, "optim.lr", f"must be > 0, got {o['lr']}")
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
-    check(0 < cfg["data"]["imb_factor"] <= 1, "data.imb_factor", "must be in (0, 1]")
-    check(t["epochs"] > 0, "train.epochs", "must be > 0")
-    check(t["batch_size"] > 0, "train.batch_size", "must be > 0")
-    check(t["accum_steps"] >= 1, "train.accum_steps", "must be >= 1")
     check(all(isinstance(m, int) for m in s["milestones"]), "sched.milestones", "must be integers")
     if o["sam"]:
         check(t["mixed_precision"] != "fp16", "train.mixed_precision",

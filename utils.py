@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -222,6 +222,14 @@ def load_config(spec: dict, argv: list[str] | None = None, description: str = ""
     return cfg
 
 
+def with_defaults(section: dict, **defaults) -> dict:
+    """A copy of a spec section with other defaults (help texts and types kept)."""
+    out = dict(section)
+    for key, value in defaults.items():
+        out[key] = (value,) + tuple(section[key][1:])
+    return out
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError naming ``key`` unless ``condition`` holds."""
     if not condition:
@@ -235,13 +243,16 @@ def save_config(cfg: dict, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """Write through ``write(binary_file)`` to a temporary file in the same folder, fsync, then
+    rename over ``path``: a kill at any moment leaves either the old complete file or the new
+    complete one, never a truncated file under the final name (timm's habit, plus fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
@@ -250,31 +261,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the old complete file or the new complete file, never
-    a truncated one under the final name (timm's tmp-then-rename habit, plus fsync).
-    """
+    """``torch.save`` atomically (see ``_atomic_write``)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def append_json_line(path: str | os.PathLike, record: dict) -> None:
@@ -285,16 +282,17 @@ def append_json_line(path: str | os.PathLike, record: dict) -> None:
 
 
 def to_plain(obj: Any) -> Any:
-    """Convert numpy/torch scalars, tuples and paths to JSON- and ``weights_only``-safe types."""
+    """Namespace, paths, tuples, numpy and torch values -> dicts, lists, str and Python numbers
+    (JSON-safe and loadable with ``torch.load(weights_only=True)``)."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
     if isinstance(obj, dict):
         return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
+    if isinstance(obj, PurePath):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars/arrays, tensors
         return obj.tolist()
     return obj
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from models.student import build_student, parse_student_name, student_arch
+from utils import to_plain
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -154,21 +155,6 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
 
 
 # ----------------------------------------------------------------------------- students
-
-
-def to_plain(obj: Any) -> Any:
-    """Namespace/paths/numpy/tensors -> dicts, lists, str and Python numbers (JSON-safe)."""
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    return obj
 
 
 _REFERENCE_TRAINING_STATE = ("model", "model_ema", "optimizer", "lr_scheduler", "scaler",
