@@ -42,6 +42,7 @@ import analysis
 from data import AUG_SPEC, DATA_SPEC, build_datasets, build_transform
 from engine import build_accelerator, classification_metrics, collect_logits, confusion_matrix
 from models import CheckpointMismatchError, UnsafeCheckpointError, load_any, load_student, load_teacher, student_logits
+from models.teacher import teacher_input_size
 from utils import ConfigError, atomic_write_text, format_help, git_sha, merge, parse_override, read_yaml, split_spec
 
 EVAL_SPEC = {
@@ -181,15 +182,6 @@ def class_permutation(model_map: list | None, data_map: list | None, num_classes
     for original in range(num_classes):
         perm[data_map[original]] = model_map[original]
     return None if perm == identity else torch.tensor(perm)
-
-
-def teacher_input_size(info: dict, configured: int | None) -> int:
-    if configured is not None:
-        return configured
-    stored = stored_config(info) or {}
-    if (stored.get("data") or {}).get("input_size"):
-        return int(stored["data"]["input_size"])
-    return 32 if info["arch"]["arch"] == "resnet32" else 224
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -390,7 +382,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         if teacher_info["arch"]["num_classes"] != num_classes:
             raise EvalError(f"class count mismatch: the teacher predicts {teacher_info['arch']['num_classes']} "
                             f"classes, the data has {num_classes}")
-        teacher_size = teacher_input_size(teacher_info, cfg["eval"]["teacher_input_size"])
+        teacher_size = cfg["eval"]["teacher_input_size"] or teacher_input_size(teacher_info, 224)
         teacher_perm = class_permutation(teacher_info.get("class_map"), dataset_val.class_map, num_classes,
                                          original_labels=teacher_info["format"] in REFERENCE_FORMATS)
         teacher = teacher.to(accelerator.device).eval()

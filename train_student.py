@@ -30,7 +30,7 @@ from data import AUG_SPEC, DATA_SPEC
 from losses.distillation import DistillationLoss
 from losses.drw import class_balanced_weights
 from models.student import build_student, student_logits, student_arch
-from models.teacher import load_teacher
+from models.teacher import load_teacher, teacher_input_size
 from utils import check, git_sha, load_config, save_config, seed_everything, with_defaults
 
 SPEC = {
@@ -153,14 +153,6 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
         f"the teacher's label order (class map stored in {cfg['distill']['teacher_ckpt']}) differs "
         f"from the student's data: it was trained on other data or another class order. Use a "
         f"teacher trained on this data, or distill.map_targets=yes/no to say how its labels map")
-
-
-def teacher_input_size(info: dict, student_size: int) -> int:
-    """The teacher's own resolution: its training config, else 32 for CIFAR ResNet-32."""
-    cfg = info.get("config") or {}
-    if cfg.get("data", {}).get("input_size"):
-        return int(cfg["data"]["input_size"])
-    return 32 if info["arch"].get("arch") == "resnet32" else student_size
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, accelerator, epoch,

@@ -223,3 +223,13 @@ def load_teacher(path: str | os.PathLike, arch: str | None = None, num_classes: 
     """
     return teacher_from_checkpoint(safe_load(path), arch=arch, num_classes=num_classes,
                                    head=head, source=os.fspath(path))
+
+
+def teacher_input_size(info: dict, default: int) -> int:
+    """The resolution a loaded teacher was trained at: the project checkpoint's stored
+    ``data.input_size``, else 32 for the CIFAR ResNet-32 (the reference teachers), else
+    ``default`` (the student's size, e.g. 224 for ImageNet-LT ResNet-50 teachers)."""
+    stored = (info.get("config") or {}).get("data") or {}
+    if stored.get("input_size"):
+        return int(stored["input_size"])
+    return 32 if info["arch"].get("arch") == "resnet32" else default
