@@ -302,7 +302,7 @@ def main(cfg: dict) -> dict:
     groups, num_classes = dataset_train.groups, dataset_train.num_classes
     metrics = progress.get("last_metrics")
     for epoch in range(progress["epoch"], tcfg["epochs"]):
-        start = time.time()
+        start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
         drw = dcfg["drw_epoch"] is not None and epoch >= dcfg["drw_epoch"]
         if drw and dcfg["no_mixup_drw"]:  # CIFAR recipe: plain CE on hard labels from DRW on
             epoch_mixup = None

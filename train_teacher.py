@@ -289,7 +289,7 @@ def main(cfg: dict) -> dict:
     preemption = engine.Preemption()
     metrics = progress.get("last_metrics")
     for epoch in range(progress["epoch"], tcfg["epochs"]):
-        start = time.time()
+        start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
         drw = lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]
         weight = drw_weights if drw else None  # DRW: class-balanced weights from drw_epoch on
         if isinstance(criterion, LDAMLoss):
