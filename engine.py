@@ -361,6 +361,19 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def start_or_resume(accelerator, resume_dir, output_dir, cfg: dict) -> dict:
+    """The run's progress: fresh, or restored from ``resume_dir``; writes config.yaml."""
+    from utils import save_config
+
+    progress = {"epoch": 0, "step": 0, "best": None}
+    if resume_dir is not None:
+        progress = load_training_state(accelerator, resume_dir, output_dir)
+        accelerator.print(f"resumed from {resume_dir} at epoch {progress['epoch']} step {progress['step']}")
+    if accelerator.is_main_process:
+        save_config(cfg, Path(output_dir) / "config.yaml")
+    return progress
+
+
 def load_training_state(accelerator, state_dir, output_dir) -> dict:
     """Restore everything ``save_training_state`` saved; drop log lines of redone epochs."""
     import json

@@ -31,7 +31,7 @@ from losses.distillation import DistillationLoss
 from losses.drw import class_balanced_weights
 from models.student import build_student, student_logits, student_arch
 from models.teacher import load_teacher, teacher_input_size
-from utils import check, git_sha, load_config, save_config, seed_everything, with_defaults
+from utils import check, git_sha, load_config, seed_everything, with_defaults
 
 SPEC = {
     "data": dict(DATA_SPEC),
@@ -287,12 +287,7 @@ def main(cfg: dict) -> dict:
     drw_weights = class_balanced_weights(dataset_train.train_counts, dcfg["drw_beta"]).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
-    progress = {"epoch": 0, "step": 0, "best": None}
-    if resume_dir is not None:
-        progress = engine.load_training_state(accelerator, resume_dir, out)
-        accelerator.print(f"resumed from {resume_dir} at epoch {progress['epoch']} step {progress['step']}")
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    progress = engine.start_or_resume(accelerator, resume_dir, out, cfg)
 
     def save_state(epoch: int, step: int) -> None:
         engine.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})

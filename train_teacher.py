@@ -28,8 +28,7 @@ from data.paco_views import paco_transform
 from losses.paco import PaCoLoss
 from models.paco import build_paco, paco_to_teacher_state_dict
 from models.teacher import build_teacher
-from utils import (Nullable, check, git_sha, load_config, save_config, seed_everything,
-                   with_defaults)
+from utils import Nullable, check, git_sha, load_config, seed_everything, with_defaults
 
 
 SPEC = {
@@ -275,12 +274,7 @@ def main(cfg: dict) -> dict:
                       f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
 
     # ------------------------------------------------------------------ resume
-    progress = {"epoch": 0, "step": 0, "best": None}
-    if resume_dir is not None:
-        progress = engine.load_training_state(accelerator, resume_dir, out)
-        accelerator.print(f"resumed from {resume_dir} at epoch {progress['epoch']} step {progress['step']}")
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    progress = engine.start_or_resume(accelerator, resume_dir, out, cfg)
 
     def save_state(epoch: int, step: int) -> None:
         engine.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})

@@ -586,7 +586,7 @@ def print_table(report: dict) -> None:
             line = "  ".join(f"{head} {acc[head]:6.2f}" for head in ("cls", "dist", "avg"))
             if name != "fp32":
                 diff = e["top1_diff_points_vs_fp32"][name]
-                line += (f"  | diff vs fp32 (points): " + " ".join(f"{h} {diff[h]:+.2f}" for h in diff)
+                line += ("  | diff vs fp32 (points): " + " ".join(f"{h} {diff[h]:+.2f}" for h in diff)
                          + f" | identical avg predictions {e['avg_prediction_agreement_vs_fp32'][name]:.2f}%")
             print(f"  {name:10} top-1 {line}")
 

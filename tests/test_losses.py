@@ -14,15 +14,6 @@ from losses import (SAM, DistillationLoss, LDAMLoss, class_balanced_weights, dis
                     distillation_terms, drw_weights, enable_running_stats, ldam_margins, rho_for_epoch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------- DRW weights
 
 

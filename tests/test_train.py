@@ -199,7 +199,7 @@ def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["metrics"]["avg"]["num_samples"] == sum(COUNTS_TEST)
     # The 2-process evaluation inside training equals a 1-process evaluate.py of the weights.
-    single = run(["evaluate.py", "--ckpt", str(out / "checkpoint.pth"), "--json", str(tmp_path / "e.json")])
+    run(["evaluate.py", "--ckpt", str(out / "checkpoint.pth"), "--json", str(tmp_path / "e.json")])
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["world_size"] == 1
     for head in ("cls", "dist", "avg"):
