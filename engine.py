@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 from pathlib import Path
@@ -251,12 +250,25 @@ def is_finite(value: torch.Tensor) -> bool:
 
 def steps_per_epoch(num_batches: int, accum: int, max_steps: int | None) -> int:
     """Optimiser updates per epoch: whole accumulation windows, capped by ``max_steps``."""
-    steps = max(1, num_batches // accum) if num_batches >= accum else 1
+    steps = max(1, num_batches // accum)
     return min(steps, max_steps) if max_steps else steps
 
 
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))
+def after_step(cfg: dict, accelerator, preemption, save_fn, epoch: int, step: int,
+               num_steps: int, mean_loss: float) -> bool:
+    """Bookkeeping after optimiser step ``step`` of both training loops: the optional print
+    line, and the resume state on SIGTERM or every ``train.save_every_steps`` steps.
+    Returns True when the loop must stop (preempted; the state has been saved)."""
+    done = step + 1
+    if cfg["log"]["print_every"] and done % cfg["log"]["print_every"] == 0:
+        accelerator.print(f"epoch {epoch} step {done}/{num_steps} loss {mean_loss:.4f}")
+    if preemption.any(accelerator):
+        save_fn(epoch, done)
+        return True
+    every = cfg["train"]["save_every_steps"]
+    if every and done % every == 0 and done < num_steps:
+        save_fn(epoch, done)
+    return False
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -494,9 +506,10 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
                                    batch_size=tcfg["batch_size"], drop_last=True, **kw)
     data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,
                                  batch_size=tcfg.get("eval_batch_size") or 2 * tcfg["batch_size"])
-    if len(data_loader_train) == 0:
-        raise ValueError(f"train.batch_size={tcfg['batch_size']} is larger than the "
-                         f"{len(sampler)} training images each process gets per epoch")
+    if len(data_loader_train) < tcfg["accum_steps"]:
+        raise ValueError(f"train.batch_size={tcfg['batch_size']} x train.accum_steps="
+                         f"{tcfg['accum_steps']} is more than the {len(sampler)} training images "
+                         f"each process gets per epoch")
     accelerator.print(f"train: {len(dataset_train)} images, {dataset_train.num_classes} classes, "
                       f"{len(data_loader_train)} batches/epoch/process | eval: {len(dataset_val)} images")
     return dataset_train, dataset_val, sampler, data_loader_train, accelerator.prepare(data_loader_val)

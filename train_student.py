@@ -196,15 +196,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, acce
             sums["distill"] += terms["distill"].item() / accum
         if model_ema is not None:
             model_ema.update(accelerator.unwrap_model(model))
-        done = step + 1 - start_step
-        bar.set_postfix(loss=f"{sums['loss'] / done:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if cfg["log"]["print_every"] and (step + 1) % cfg["log"]["print_every"] == 0:
-            accelerator.print(f"epoch {epoch} step {step + 1}/{num_steps} loss {sums['loss'] / done:.4f}")
-        if preemption.any(accelerator):
-            save_fn(epoch, step + 1)
+        mean_loss = sums["loss"] / (step + 1 - start_step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if engine.after_step(cfg, accelerator, preemption, save_fn, epoch, step, num_steps, mean_loss):
             return None
-        if tcfg["save_every_steps"] and (step + 1) % tcfg["save_every_steps"] == 0 and step + 1 < num_steps:
-            save_fn(epoch, step + 1)
     done = max(1, num_steps - start_step)
     stats = {k: v / done for k, v in sums.items()}
     stats["lr"] = optimizer.param_groups[0]["lr"]

@@ -198,13 +198,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch
         total += step_loss
         seen += 1
         bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.2e}")
-        if cfg["log"]["print_every"] and (step + 1) % cfg["log"]["print_every"] == 0:
-            accelerator.print(f"epoch {epoch} step {step + 1}/{num_steps} loss {total / seen:.4f}")
-        if preemption.any(accelerator):
-            save_fn(epoch, step + 1)
+        if engine.after_step(cfg, accelerator, preemption, save_fn, epoch, step, num_steps, total / seen):
             return None
-        if tcfg["save_every_steps"] and (step + 1) % tcfg["save_every_steps"] == 0 and step + 1 < num_steps:
-            save_fn(epoch, step + 1)
     return {"loss": total / max(1, seen), "lr": lr}
 
 
