@@ -25,6 +25,7 @@ from losses.drw import class_balanced_weights
 from losses.ldam import LDAMLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
 from data.paco_views import paco_transform
+from data.transforms import NORMALIZATION
 from losses.paco import PaCoLoss
 from models.paco import build_paco, paco_to_teacher_state_dict
 from models.teacher import build_teacher
@@ -231,7 +232,7 @@ def main(cfg: dict) -> dict:
                       f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | lr {cfg['optim']['lr']}")
 
     # ------------------------------------------------------------------ data
-    paco_views = (paco_transform(cfg["data"], cfg["data"]["dataset"])
+    paco_views = (paco_transform(cfg["data"], cfg["data"]["dataset"], NORMALIZATION[cfg["aug"]["normalize"]])
                   if cfg["loss"]["type"] == "paco" else None)  # PaCo's two augmented views
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         engine.build_loaders(cfg, accelerator, train_transform=paco_views)

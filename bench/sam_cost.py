@@ -2,8 +2,10 @@
 
     python bench/sam_cost.py [--arch resnet32] [--batch-size 128] [--steps 5] [--repeats 3]
 
-Alternates SGD and SAM (two forward/backward passes) steps on the same synthetic batch, in
-bf16 autocast on CPU, and prints the median ratio of step times with min/max over repeats;
+Alternates SGD, SAM (two forward/backward passes) and PaCo + SAM steps (the two passes on
+the query view, one key-encoder forward on the key view, momentum and queue updates: what
+``train_teacher.py loss.type=paco`` does per step) on the same synthetic batch, in bf16
+autocast on CPU, and prints the median ratios of step times with min/max over repeats;
 saves JSON (default bench/results/sam_cost.json).
 """
 from __future__ import annotations
@@ -22,7 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from engine import set_cpu_threads  # noqa: E402
 from losses.ldam import LDAMLoss  # noqa: E402
+from losses.paco import PaCoLoss  # noqa: E402
 from losses.sam import SAM, disable_running_stats, enable_running_stats  # noqa: E402
+from models.paco import build_paco  # noqa: E402
 from models.teacher import build_teacher  # noqa: E402
 
 
@@ -45,6 +49,27 @@ def time_steps(model, optimizer, criterion, x, y, steps: int, sam: bool) -> floa
     return (time.perf_counter() - start) / steps
 
 
+def time_paco_steps(model, optimizer, criterion, x, x_k, y, steps: int) -> float:
+    """PaCo + SAM steps as in train_teacher.py: one momentum update, the first pass computes
+    the keys, the second pass at w + e reuses them, one enqueue after the step."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.momentum_update()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, x_k, y)
+            loss = criterion(out.features, out.labels, out.sup_logits)
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        disable_running_stats(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out2 = model(x, labels=y, keys=out.keys)
+            criterion(out2.features, out2.labels, out2.sup_logits).backward()
+        enable_running_stats(model)
+        optimizer.second_step(zero_grad=True)
+        model.dequeue_and_enqueue(out.keys, y)
+    return (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet32", help="teacher architecture")
@@ -64,24 +89,40 @@ def main() -> None:
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.01, momentum=0.9)
     time_steps(model, sgd, criterion, x, y, 2, sam=False)  # warm-up
     time_steps(model, sam, criterion, x, y, 2, sam=True)
+    # PaCo + SAM with the published CIFAR sizes (moco dim 32, queue 1024), same batch.
+    paco = build_paco(args.arch, 10, dim=32, K=1024).to(memory_format=torch.channels_last).train()
+    paco_loss = PaCoLoss(alpha=0.01, temperature=0.05, K=1024, num_classes=10, cls_num_list=counts)
+    paco_sam = SAM([p for p in paco.parameters() if p.requires_grad], torch.optim.SGD, rho=0.1,
+                   lr=0.01, momentum=0.9)
+    x_k = torch.randn_like(x)
+    time_paco_steps(paco, paco_sam, paco_loss, x, x_k, y, 2)
     rows = []
     for _ in range(args.repeats):
         t_sgd = time_steps(model, sgd, criterion, x, y, args.steps, sam=False)
         t_sam = time_steps(model, sam, criterion, x, y, args.steps, sam=True)
-        rows.append({"sgd_s": t_sgd, "sam_s": t_sam, "ratio": t_sam / t_sgd})
+        t_paco = time_paco_steps(paco, paco_sam, paco_loss, x, x_k, y, args.steps)
+        rows.append({"sgd_s": t_sgd, "sam_s": t_sam, "paco_sam_s": t_paco, "ratio": t_sam / t_sgd,
+                     "paco_sam_over_sam": t_paco / t_sam})
     ratios = [r["ratio"] for r in rows]
+    paco_ratios = [r["paco_sam_over_sam"] for r in rows]
     result = {"arch": args.arch, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
               "precision": "bf16 autocast", "repeats": rows, "sam_over_sgd_median": statistics.median(ratios),
               "sam_over_sgd_min": min(ratios), "sam_over_sgd_max": max(ratios),
+              "paco_sam_over_ldam_sam_median": statistics.median(paco_ratios),
+              "paco_sam_over_ldam_sam_min": min(paco_ratios), "paco_sam_over_ldam_sam_max": max(paco_ratios),
               "sgd_img_per_s_median": statistics.median(args.batch_size / r["sgd_s"] for r in rows),
-              "sam_img_per_s_median": statistics.median(args.batch_size / r["sam_s"] for r in rows)}
+              "sam_img_per_s_median": statistics.median(args.batch_size / r["sam_s"] for r in rows),
+              "paco_sam_img_per_s_median": statistics.median(args.batch_size / r["paco_sam_s"] for r in rows)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'repeat':>6} {'SGD s/step':>11} {'SAM s/step':>11} {'SAM/SGD':>8}")
+    print(f"{'repeat':>6} {'SGD s/step':>11} {'SAM s/step':>11} {'PaCo+SAM':>9} {'SAM/SGD':>8} {'PaCo/SAM':>9}")
     for i, r in enumerate(rows):
-        print(f"{i:>6} {r['sgd_s']:>11.3f} {r['sam_s']:>11.3f} {r['ratio']:>8.2f}")
+        print(f"{i:>6} {r['sgd_s']:>11.3f} {r['sam_s']:>11.3f} {r['paco_sam_s']:>9.3f} {r['ratio']:>8.2f} "
+              f"{r['paco_sam_over_sam']:>9.2f}")
     print(f"SAM/SGD step time: median {result['sam_over_sgd_median']:.2f} "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); saved {args.json}")
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); PaCo+SAM / LDAM+SAM: median "
+          f"{result['paco_sam_over_ldam_sam_median']:.2f} (min {min(paco_ratios):.2f}, "
+          f"max {max(paco_ratios):.2f}); saved {args.json}")
 
 
 if __name__ == "__main__":

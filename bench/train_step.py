@@ -18,15 +18,18 @@ alternating per repeat (fp32, fast, fp32, fast, ...) so that load changes on a s
 hit every mode alike:
 
 - ``fp32``: plain eager fp32; the explicit softmax(QK^T/sqrt(d))V attention; the teacher in
-  fp32 with contiguous (NCHW) weights and input.
+  fp32 with contiguous (NCHW) weights and input, BatchNorms as separate layers.
 - ``fast``: what ``train_student.py`` runs with ``train.mixed_precision=bf16``: bf16 autocast
   (CPU: ``torch.autocast('cpu', torch.bfloat16)``, which is what ``accelerator.autocast()``
   enters; CUDA: bf16 too), fused ``scaled_dot_product_attention``, the teacher channels-last,
-  in eval mode under ``no_grad`` (``DistillationLoss``), the loss in fp32.
+  in eval mode under ``no_grad`` (``DistillationLoss``) with its BatchNorms folded into the
+  convolutions (``distill.fold_bn``), the loss in fp32.
 - ``fast_math``: ``fast`` with the explicit attention formula (``model.fused_attn=false``).
   On this CPU build the fused SDPA *backward* in bf16 (flash attention for CPU) is 2-6x slower
   than the bf16 matmul formula (and slower than its own fp32 version), so ``fast`` loses much
   of the bf16 gain in training; this mode measures what the formula recovers.
+- ``fast_math_bn`` (on request): ``fast_math`` with the teacher's BatchNorms left as separate
+  layers (``distill.fold_bn=false``), to measure what folding them saves.
 - ``compile`` (with ``--compile``): ``fast`` plus ``torch.compile`` of the student
   (``model.compile=true``); ``compile_math`` (on request): ``fast_math`` compiled. The first
   warm-up step, which compiles, is reported apart (``warmup_s``).
@@ -76,7 +79,7 @@ from timm.utils import ModelEmaV2  # noqa: E402
 import engine  # noqa: E402
 from losses.distillation import DistillationLoss  # noqa: E402
 from models.student import build_student, set_fused_attn, student_arch  # noqa: E402
-from models.teacher import build_teacher  # noqa: E402
+from models.teacher import build_teacher, fold_batchnorm  # noqa: E402
 from train_student import SPEC, build_base_criterion  # noqa: E402
 from utils import atomic_write_text, load_config, to_plain  # noqa: E402
 
@@ -94,14 +97,19 @@ class Mode:
     fused_attn: bool
     teacher_channels_last: bool
     compile: bool = False
+    teacher_fold_bn: bool = True  # train_student's distill.fold_bn
 
 
 MODES = {
-    "fp32": Mode("fp32", bf16_autocast=False, fused_attn=False, teacher_channels_last=False),
+    "fp32": Mode("fp32", bf16_autocast=False, fused_attn=False, teacher_channels_last=False,
+                 teacher_fold_bn=False),
     "fast": Mode("fast", bf16_autocast=True, fused_attn=True, teacher_channels_last=True),
     # bf16 with the explicit attention formula: on CPU (torch 2.14) the fused SDPA backward
     # in bf16 is several times slower than the bf16 matmul formula, see the module docstring.
     "fast_math": Mode("fast_math", bf16_autocast=True, fused_attn=False, teacher_channels_last=True),
+    # fast_math with the teacher's BatchNorms as separate layers (distill.fold_bn=false).
+    "fast_math_bn": Mode("fast_math_bn", bf16_autocast=True, fused_attn=False, teacher_channels_last=True,
+                         teacher_fold_bn=False),
     "compile": Mode("compile", bf16_autocast=True, fused_attn=True, teacher_channels_last=True,
                     compile=True),
     "compile_math": Mode("compile_math", bf16_autocast=True, fused_attn=False,
@@ -210,8 +218,10 @@ def build_mode(mode: Mode, cfg: dict, arch: dict, teacher: nn.Module | None,
     mixup_fn = build_mixup(cfg, arch["num_classes"])
     size = None
     if teacher is not None:
-        teacher = copy.deepcopy(teacher).to(device)
         size = getattr(teacher, "bench_input_size", None)
+        teacher = copy.deepcopy(teacher).to(device)
+        if mode.teacher_fold_bn:
+            teacher, _ = fold_batchnorm(teacher)
         if not mode.teacher_channels_last:
             teacher = ContiguousInput(teacher)
     criterion = DistillationLoss(build_base_criterion(cfg, mixup_fn is not None), teacher,

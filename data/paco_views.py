@@ -105,8 +105,8 @@ def _input_size(data_cfg: dict) -> int:
     return int(size)
 
 
-def _cifar_views(size: int) -> TwoViews:
-    normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+def _cifar_views(size: int, mean_std) -> TwoViews:
+    normalize = T.Normalize(*mean_std)
     resize = [] if size == 32 else [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
     query = T.Compose(resize + [
         T.RandomCrop(size, padding=4),
@@ -128,10 +128,10 @@ def _cifar_views(size: int) -> TwoViews:
     return TwoViews(query, key)
 
 
-def _imagenet_views(size: int, randaug_n: int, randaug_m: int) -> TwoViews:
+def _imagenet_views(size: int, randaug_n: int, randaug_m: int, mean_std) -> TwoViews:
     from timm.data.auto_augment import rand_augment_transform
 
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    normalize = T.Normalize(*mean_std)
     ra_hparams = dict(translate_const=int(size * 0.45),
                       img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
     query = T.Compose([
@@ -154,15 +154,21 @@ def _imagenet_views(size: int, randaug_n: int, randaug_m: int) -> TwoViews:
     return TwoViews(query, key)
 
 
-def paco_transform(data_cfg: dict, dataset: str) -> TwoViews:
+def paco_transform(data_cfg: dict, dataset: str, mean_std=None) -> TwoViews:
     """PaCo's training transform: a callable mapping a PIL image to ``[q_view, k_view]`` tensors.
 
     ``data_cfg['input_size']`` (int or (3, H, W)) sets the crop size; optional
     ``data_cfg['randaug_n']`` / ``['randaug_m']`` (default 2 / 10) set RandAugment for
     non-CIFAR data. ``dataset`` names starting with 'cifar' get the CIFAR recipe, all others
-    the ImageNet-LT / iNat recipe.
+    the ImageNet-LT / iNat recipe. ``mean_std`` = (mean, std) of the final Normalize (the
+    teacher's ``aug.normalize``, so the evaluation transform matches); by default the CIFAR
+    statistics for CIFAR data (the published recipe), the ImageNet ones otherwise.
     """
     size = _input_size(data_cfg)
-    if dataset.lower().startswith("cifar"):
-        return _cifar_views(size)
-    return _imagenet_views(size, int(data_cfg.get("randaug_n", 2)), int(data_cfg.get("randaug_m", 10)))
+    cifar = dataset.lower().startswith("cifar")
+    if mean_std is None:
+        mean_std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
+    if cifar:
+        return _cifar_views(size, mean_std)
+    return _imagenet_views(size, int(data_cfg.get("randaug_n", 2)), int(data_cfg.get("randaug_m", 10)),
+                           mean_std)

@@ -16,7 +16,7 @@ from models import (CheckpointMismatchError, UnsafeCheckpointError, build_studen
                     student_logits, teacher_arch_of)
 from models.checkpoint import student_from_checkpoint
 from models.student import set_fused_attn
-from models.teacher import teacher_from_checkpoint
+from models.teacher import fold_batchnorm, teacher_from_checkpoint
 
 TEACHER_FILES = {
     "ldam": ("reference_teacher_ldam_resnet32.pth.tar", "ldam", "normed"),
@@ -65,6 +65,48 @@ def test_reference_teachers_reproduce_logits(parity_dir, name):
     # float32 spacing alone is 5e-4 (a float64 recomputation differs from the stored float32
     # output by 1.5e-3): atol 1e-5 is met relative to the magnitude, i.e. rtol 1e-5.
     torch.testing.assert_close(logits, expected[f"expected_{name}_resnet32_logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TEACHER_FILES))
+def test_folded_reference_teachers_keep_their_logits(parity_dir, name):
+    expected = torch.load(parity_dir / "reference_teacher_expected.pt", weights_only=True)
+    model, _ = load_teacher(parity_dir / TEACHER_FILES[name][0])
+    folded, count = fold_batchnorm(model)
+    assert count == 31  # every BatchNorm of ResNet-32 follows a conv
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 31  # original intact
+    with torch.no_grad():
+        logits = folded(expected["input"])
+    reference = expected[f"expected_{name}_resnet32_logits"]
+    # Folding changes only the rounding (logits up to ~4e3 with the fixtures' random BN stats).
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-3)
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_fold_batchnorm_resnet50_and_untraceable_fallback():
+    torch.manual_seed(0)
+    model = build_teacher("resnet50", 5).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded, count = fold_batchnorm(model)
+    assert count == 53
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+    class DataDependent(torch.nn.Module):  # torch.fx cannot trace a branch on a tensor value
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    odd = DataDependent()
+    same, count = fold_batchnorm(odd)
+    assert same is odd and count == 0 and not same.training
 
 
 def test_paco_loader_keeps_query_encoder_and_linear(parity_dir):

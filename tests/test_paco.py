@@ -385,6 +385,16 @@ def test_cifar_views():
     assert tuple(norm.mean) == CIFAR_MEAN and tuple(norm.std) == CIFAR_STD
 
 
+def test_views_use_the_given_normalisation():
+    # aug.normalize: imagenet for a CIFAR PaCo teacher (the student feeds it ImageNet-normalised
+    # batches): both views and the evaluation transform must then use the same statistics.
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    views = paco_transform({"input_size": 32}, "cifar10", imagenet)
+    for view in (views.query, views.key):
+        norm = view.transforms[-1]
+        assert (tuple(norm.mean), tuple(norm.std)) == imagenet
+
+
 def test_imagenet_views():
     views = paco_transform({"input_size": (3, 64, 64)}, "imagenet_lt")
     q, k = views(_pil(80))

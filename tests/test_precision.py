@@ -122,11 +122,15 @@ def test_modes_switch_attention_and_teacher_layout(bench, tiny):
 
     # The baseline's teacher is NCHW, the fast mode's channels-last (a 16->16 3x3 conv, whose
     # two layouts are distinguishable).
-    w_fp32 = bench.inner_teacher(fp32.criterion).layer1[0].conv1.weight
-    w_fast = bench.inner_teacher(fast.criterion).layer1[0].conv1.weight
+    w_fp32 = bench.inner_teacher(fp32.criterion).get_submodule("layer1.0.conv1").weight
+    w_fast = bench.inner_teacher(fast.criterion).get_submodule("layer1.0.conv1").weight
     assert w_fp32.is_contiguous() and not w_fp32.is_contiguous(memory_format=torch.channels_last)
     assert w_fast.is_contiguous(memory_format=torch.channels_last) and not w_fast.is_contiguous()
     assert not bench.inner_teacher(fast.criterion).training
+    # train_student's distill.fold_bn: the fast mode's teacher has its BatchNorms folded.
+    def n_bn(criterion):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in bench.inner_teacher(criterion).modules())
+    assert n_bn(fp32.criterion) == 31 and n_bn(fast.criterion) == 0
 
     # fp32 eval: the explicit formula (fp32 mode) and fused SDPA (fast mode's model, run
     # without autocast) give the same logits.

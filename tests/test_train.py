@@ -89,6 +89,35 @@ def test_teacher_end_to_end(teacher_ckpt):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_paco_teacher_end_to_end_and_distils(tiny_data, tmp_path):
+    """loss.type=paco through the script (two views, SAM, queue, momentum encoder): saved as a
+    plain teacher that evaluate.py scores as in training and that a student distils from."""
+    out = tmp_path / "paco"
+    args = [a for a in TEACHER_ARGS if not a.startswith("loss.drw_epoch")]
+    run(["train_teacher.py", *args, "loss.type=paco", "loss.drw_epoch=null", "model.head=linear",
+         "loss.paco_queue=40", "loss.paco_dim=8", "aug.normalize=imagenet", f"data.path={tiny_data}",
+         f"train.output_dir={out}"])
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["kind"] == "teacher" and ckpt["epoch"] == 1
+    assert ckpt["arch"] == {"arch": "resnet32", "num_classes": 10, "head": "linear"}
+    assert not any(k.startswith(("encoder_", "queue", "linear_k", "fc.")) for k in ckpt["model"])
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert all(line["train_loss"] == line["train_loss"] for line in lines)  # finite, not NaN
+    # evaluate.py (linear(pooled query features), the same fp32 eval data) == the in-training eval.
+    report = tmp_path / "paco.json"
+    run(["evaluate.py", "--ckpt", str(out / "checkpoint.pth"), "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert result["config"]["aug"]["normalize"] == "imagenet"
+    assert result["logits"]["top1"] == pytest.approx(lines[-1]["logits_top1"], abs=1e-6)
+    student = tmp_path / "student"
+    proc = run(["train_student.py", *STUDENT_ARGS, "train.epochs=1", "distill.drw_epoch=null",
+                "distill.fold_bn=true", f"data.path={tiny_data}", f"train.output_dir={student}",
+                f"distill.teacher_ckpt={out / 'checkpoint.pth'}"])
+    assert "31 BatchNorm layers folded" in proc.stdout
+    assert [line["epoch"] for line in log_lines(student)] == [0]
+
+
 def test_student_trains_evaluates_and_resumes(tiny_data, teacher_ckpt, tmp_path):
     out = tmp_path / "student"
     base = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
