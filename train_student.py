@@ -258,7 +258,8 @@ def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ teacher and loss
     teacher, class_map = None, None
     if dcfg["type"] != "none":
-        # The teacher is not prepared (no DDP, no gradients): eval mode, channels-last.
+        # The teacher is not prepared (no DDP): DistillationLoss freezes it (eval mode, no
+        # gradients) and makes it channels-last.
         teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
         t_classes = tinfo["arch"]["num_classes"]
         if t_classes != dataset_train.num_classes:
@@ -268,9 +269,7 @@ def main(cfg: dict) -> dict:
         if dcfg["fold_bn"]:
             teacher, folded = fold_batchnorm(teacher)
             accelerator.print(f"teacher: {folded} BatchNorm layers folded into the layer before them")
-        teacher = teacher.to(accelerator.device, memory_format=torch.channels_last).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = teacher.to(accelerator.device)
         t_size = dcfg["teacher_input_size"] or teacher_input_size(tinfo, arch["img_size"])
         accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}")
     else:
