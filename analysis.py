@@ -41,11 +41,12 @@ tensors so it can be tested on constructed inputs with known answers:
 3. **Agreement** (``agreement``). The share of test images on which two classifiers predict
    the same class, overall and over the images of head/mid/tail classes: CLS vs DIST, and
    DIST vs the teacher (on the student's normalised images resized as in training: bicubic,
-   ``antialias=False``, RECIPE section 2).
+   ``antialias=False``, docs/recipe.md section 2).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 from pathlib import Path
 
 import torch
@@ -76,15 +77,15 @@ def _token_spread(weights: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
-                         num_prefix_tokens: int = 2) -> dict[str, torch.Tensor]:
+                         tokens: Sequence[str] = ("cls", "dist")) -> dict[str, torch.Tensor]:
     """Per-image, per-head statistics of one block's attention probabilities.
 
-    ``attn``: (B, heads, N, N) rows summing to one, tokens ordered [CLS, DIST, patches]
-    (``num_prefix_tokens`` = 2; with 1 there is no DIST statistic). Returns (B, heads)
-    tensors named as in the module docstring.
+    ``attn``: (B, heads, N, N) rows summing to one, tokens ordered [prefix tokens, patches];
+    ``tokens`` names the prefix tokens in order (the student's ``HEADS``: CLS, DIST). Returns
+    (B, heads) tensors named as in the module docstring.
     """
     attn = attn.float()
-    p = num_prefix_tokens
+    p = len(tokens)
     positions = grid_positions(grid_size).to(attn.device)
     distances = torch.cdist(positions, positions)                          # (M, M)
     patch_to_patch = attn[:, :, p:, p:]                                    # (B, H, M, M)
@@ -95,7 +96,7 @@ def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
         "mean_distance_raw": raw.mean(-1),
         "prefix_attention": (1.0 - mass).mean(-1),
     }
-    for index, name in enumerate(["cls", "dist"][:p]):
+    for index, name in enumerate(tokens):
         spread, entropy = _token_spread(attn[:, :, index, p:], positions)
         stats[f"{name}_spread"] = spread
         stats[f"{name}_entropy"] = entropy
@@ -123,10 +124,13 @@ class AttentionRecorder:
     so memory stays at one block's attention matrix.
     """
 
-    def __init__(self, model: nn.Module, num_prefix_tokens: int | None = None) -> None:
+    def __init__(self, model: nn.Module, tokens: Sequence[str] | None = None) -> None:
+        """``tokens``: the prefix tokens' names in order; default the student's ``HEADS``
+        (a plain timm ViT: ``cls``, then ``dist`` if it has two prefix tokens)."""
         self.model = model
         self.grid_size = tuple(model.patch_embed.grid_size)
-        self.num_prefix_tokens = num_prefix_tokens if num_prefix_tokens is not None else model.num_prefix_tokens
+        default = list(getattr(model, "HEADS", ("cls", "dist")))[:model.num_prefix_tokens]
+        self.tokens = list(tokens) if tokens is not None else default
         self.handles: list = []
         self.per_block: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -135,7 +139,7 @@ class AttentionRecorder:
             if kwargs.get("attn_mask") is not None:
                 raise NotImplementedError("attention distance with an attention mask is not supported")
             probs = attention_probabilities(module, args[0])
-            self.per_block[index] = attention_statistics(probs, self.grid_size, self.num_prefix_tokens)
+            self.per_block[index] = attention_statistics(probs, self.grid_size, self.tokens)
         return hook
 
     def __enter__(self) -> "AttentionRecorder":
@@ -159,7 +163,7 @@ class AttentionRecorder:
 
 
 def summarise_attention(per_image: dict[str, torch.Tensor], patch_size: int,
-                        grid_size: tuple[int, int]) -> dict:
+                        grid_size: tuple[int, int], tokens: Sequence[str] = ("cls", "dist")) -> dict:
     """Average the gathered (num_images, depth, heads) statistics into nested lists."""
     def mean(name: str) -> list:
         return per_image[name].double().mean(0).tolist()
@@ -173,7 +177,7 @@ def summarise_attention(per_image: dict[str, torch.Tensor], patch_size: int,
         "mean_distance_raw": mean("mean_distance_raw"),
         "prefix_attention": mean("prefix_attention"),
     }
-    for token in ("cls", "dist"):
+    for token in tokens:
         if f"{token}_spread" in per_image:
             out[token] = {"spread": mean(f"{token}_spread"), "entropy": mean(f"{token}_entropy")}
     return out
@@ -383,10 +387,12 @@ def plot_attention(path: str | Path, summary: dict) -> None:
 
     scatter(left, summary["mean_distance"], "tab:green", "patch tokens")
     left.set_title("mean attention distance of patches", fontsize=10)
-    for token, colour, offset in (("cls", "tab:blue", -0.1), ("dist", "tab:orange", 0.1)):
-        if token in summary:
-            scatter(right, summary[token]["spread"], colour, token.upper(), offset)
-    right.set_title("spread of CLS / DIST attention over patches", fontsize=10)
+    tokens = [k for k, v in summary.items() if isinstance(v, dict) and "spread" in v]  # CLS, DIST
+    colours = {"cls": "tab:blue", "dist": "tab:orange"}
+    for i, token in enumerate(tokens):
+        offset = 0.2 * (i - (len(tokens) - 1) / 2)
+        scatter(right, summary[token]["spread"], colours.get(token, f"C{i + 3}"), token.upper(), offset)
+    right.set_title(f"spread of {' / '.join(t.upper() for t in tokens)} attention over patches", fontsize=10)
     for ax in (left, right):
         top = max((float(y) for c in ax.collections for y in c.get_offsets()[:, 1]), default=0.0)
         ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room above the highest head

@@ -2,26 +2,27 @@
 
     python evaluate.py --ckpt runs/c10lt/best_checkpoint.pth --json eval.json --out-dir eval/
     python evaluate.py --ckpt ../shared/parity/reference_student_checkpoint.pth \
-        data.path=../shared/data/cifar10-jpeg --analysis --teacher runs/teacher/checkpoint.pth
+        data.path=../shared/data/cifar10-jpeg eval.analysis=true --teacher runs/teacher/checkpoint.pth
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --ckpt ... # same numbers
 
 Reports top-1 and top-5, per-class accuracy (from the confusion matrix) and head / mid / tail
-(means of per-class accuracies over the groups' classes, RECIPE section 5) for the CLS head,
-the DIST head and their average (the reported prediction, as the reference); for a teacher,
-for its single head. Every process evaluates a shard; predictions are gathered and
-de-duplicated before any metric is computed (RECIPE section 6, bug 2), so one or several
-processes give identical numbers.
+(means of per-class accuracies over the groups' classes, docs/recipe.md section 6) for each of
+the student's heads and their combination (``DistilledStudent.combine``: the mean of the logits,
+'avg', the reported prediction as the reference); for a teacher, for its single head. Every
+process evaluates a shard; predictions are gathered and de-duplicated before any metric is
+computed, so one or several processes give identical numbers.
 
 Checkpoints: the project's portable files and the reference's released formats (student,
 LDAM, CE, PaCo teachers), always through ``models.checkpoint.safe_load``
 (``weights_only=True``; a pickle that would run code is refused) and strict loading.
 
-Config precedence: defaults < the checkpoint's stored ``data``/``aug`` sections (project
-files) or what a reference file implies (a CIFAR ResNet-32 teacher: 32x32 input, CIFAR
-normalisation, no resize) < ``--config`` < ``section.key=value`` overrides < the flags.
-A student's input size is its architecture's ``img_size``.
+The config loader is the training scripts' (``utils.parse_config``): defaults < the
+checkpoint's stored ``data``/``aug`` sections (project files) or what a reference file implies
+(a CIFAR ResNet-32 teacher: 32x32 input, CIFAR normalisation, no resize) < ``--config`` (a
+training config works: its other sections are skipped) < ``section.key=value`` overrides. A
+student's input size is its architecture's ``img_size``.
 
-``--analysis`` adds the paper's analyses (``analysis.py``): mean attention distance per block
+``eval.analysis=true`` (implied by ``--teacher``) adds the paper's analyses (``analysis.py``): mean attention distance per block
 and head, CLS/DIST attention spread, the rank of the CLS and DIST features, and the agreement
 of CLS, DIST and (with ``--teacher``) the teacher's predictions.
 """
@@ -40,10 +41,13 @@ from torch.utils.data import DataLoader, Subset
 
 import analysis
 from data import AUG_SPEC, DATA_SPEC, build_datasets, build_transform
-from engine import build_accelerator, classification_metrics, collect_logits, confusion_matrix
-from models import CheckpointMismatchError, UnsafeCheckpointError, load_any, load_student, load_teacher, student_logits
+from engine.device import build_accelerator
+from engine.metrics import classification_metrics, collect_logits, confusion_matrix
+from errors import CheckpointError, ProjectError, run_main
+from models.checkpoint import load_any, load_student, load_teacher
+from models.student import output_names, student_outputs
 from models.teacher import teacher_input_size
-from utils import ConfigError, atomic_write_text, format_help, git_sha, merge, parse_override, read_yaml, split_spec
+from utils import atomic_write_text, git_sha, parse_config, print_config
 
 EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
@@ -64,62 +68,23 @@ REFERENCE_CIFAR_TEACHER = {"data": {"input_size": 32}, "aug": {"normalize": "cif
 REFERENCE_FORMATS = ("reference", "ldam", "paco", "plain")
 
 
-class EvalError(RuntimeError):
+class EvalError(ProjectError, RuntimeError):
     """A problem with the inputs (file, checkpoint, data); the message says what to fix."""
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Evaluate a DeiT-LT student or teacher checkpoint: top-1/top-5, per-class and "
-                    "head/mid/tail accuracy of the CLS, DIST and averaged heads. Config precedence: "
-                    "defaults < the checkpoint's stored data/aug sections < --config < overrides < flags.",
-        epilog=format_help(SPEC), formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """evaluate.py's own flags (everything else is a ``section.key=value`` config key)."""
     parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate: the project's "
                         "checkpoint.pth / best_checkpoint.pth, or a reference student or teacher file")
-    parser.add_argument("--config", default=None, help="YAML config (a training config works: sections "
-                        "other than data, aug and eval are skipped); overrides the checkpoint's stored config")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON here "
                         "(default with --out-dir: OUT_DIR/eval.json)")
     parser.add_argument("--out-dir", default=None, metavar="DIR", help="write per_class_accuracy.png, "
                         "confusion_matrix.png (and the analyses' JSON and PNG files) here")
-    parser.add_argument("--analysis", action="store_true", help="also run the paper's analyses (students "
-                        "only; same as eval.analysis=true)")
     parser.add_argument("--teacher", default=None, metavar="PATH", help="a teacher checkpoint for the "
-                        "DIST-vs-teacher agreement analysis (implies --analysis)")
-    parser.add_argument("--ema", action="store_true", help="evaluate the student's EMA weights "
-                        "(same as eval.ema=true)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per process "
-                        "and batch (same as eval.batch_size=N)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted overrides applied after --config, e.g. data.path=../shared/data/cifar10-jpeg")
-    return parser
-
-
-def resolve_config(stored: dict | None, implied: dict, config_path: str | None,
-                   overrides: list[str]) -> tuple[dict, set[str]]:
-    """defaults < stored data/aug < implied < --config < overrides; also the keys set explicitly.
-
-    ``stored`` keys unknown to this version's spec are skipped (a checkpoint may be older or
-    newer than the code); everything the user gives is checked strictly.
-    """
-    cfg, _, types = split_spec(SPEC)
-    for section in ("data", "aug"):
-        known = {k: v for k, v in ((stored or {}).get(section) or {}).items() if f"{section}.{k}" in types}
-        merge(cfg, {section: known}, types, "the checkpoint's stored config")
-    merge(cfg, implied, types, "the checkpoint's format")
-    explicit: set[str] = set()
-    layers = []
-    if config_path:
-        layers.append((config_path, {k: v for k, v in read_yaml(config_path).items() if k in cfg}))
-    layers += [("command line", parse_override(text)) for text in overrides]
-    for origin, update in layers:
-        merge(cfg, update, types, origin)
-        explicit |= {f"{s}.{k}" for s, leaves in update.items() for k in leaves}
-    return cfg, explicit
+                        "DIST-vs-teacher agreement analysis (implies eval.analysis=true)")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -135,9 +100,7 @@ def load_checkpoint(path: str, ema: bool = False, teacher: bool = False) -> tupl
         if teacher:
             return load_teacher(path)
         return load_student(path, ema=True) if ema else load_any(path)
-    except UnsafeCheckpointError as e:
-        raise EvalError(f"{e}\nNothing in the file was executed.") from None
-    except (CheckpointMismatchError, ValueError, KeyError, RuntimeError) as e:
+    except CheckpointError as e:
         raise EvalError(f"cannot load {what} {path}: {e}") from None
 
 
@@ -169,7 +132,7 @@ def class_permutation(model_map: list | None, data_map: list | None, num_classes
 
     A class map sends an original label to a project index (classes sorted by count). A
     model without one predicts in the data's order, except reference teachers, which were
-    trained on original labels (RECIPE section 2: ImageNet-LT teachers go through class_map).
+    trained on original labels (docs/recipe.md section 2: ImageNet-LT teachers go through class_map).
     Returns None when no reordering is needed.
     """
     identity = list(range(num_classes))
@@ -198,15 +161,14 @@ def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | N
         recorder = hooks.enter_context(analysis.AttentionRecorder(model))
         # The pre-head features are read off the heads' inputs, so they are exactly what
         # produced the logits whatever the forward does before.
-        for name, head in (("cls", model.head), ("dist", model.head_dist)):
+        for name, head in model.head_modules().items():
             handle = head.register_forward_pre_hook(lambda m, args, name=name: features.__setitem__(name, args[0]))
             hooks.callback(handle.remove)
 
     def forward(model, images):
         if kind == "teacher":
             return {"logits": model(images)}
-        cls_logits, dist_logits = student_logits(model, images)
-        out = {"cls": cls_logits, "dist": dist_logits, "avg": (cls_logits + dist_logits) / 2}
+        out = student_outputs(model, images)
         if recorder is not None:
             out.update({f"feat_{k}": v for k, v in features.items()})
             out.update({f"attn_{k}": v for k, v in recorder.pop().items()})
@@ -220,16 +182,19 @@ def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | N
 def run_analyses(outputs: dict, targets: torch.Tensor, groups: dict, num_classes: int,
                  model: torch.nn.Module, arch: dict) -> dict:
     """The paper's analyses on the gathered outputs (see analysis.py for the definitions)."""
+    heads, prediction = list(model.HEADS), model.PREDICTION
     attention = {k[len("attn_"):]: v for k, v in outputs.items() if k.startswith("attn_")}
     result = {
-        "attention": analysis.summarise_attention(attention, arch["patch_size"], model.patch_embed.grid_size),
-        "feature_rank": {name: analysis.feature_rank(outputs[f"feat_{name}"]) for name in ("cls", "dist")},
+        "attention": analysis.summarise_attention(attention, arch["patch_size"], model.patch_embed.grid_size,
+                                                  tokens=heads),
+        "feature_rank": {name: analysis.feature_rank(outputs[f"feat_{name}"]) for name in heads},
     }
-    preds = {name: outputs[name].argmax(1) for name in ("cls", "dist", "avg")}
-    pairs = {"cls_vs_dist": analysis.agreement(preds["cls"], preds["dist"], targets, groups)}
+    preds = {name: outputs[name].argmax(1) for name in (*heads, prediction)}
+    pairs = {f"{a}_vs_{b}": analysis.agreement(preds[a], preds[b], targets, groups)
+             for i, a in enumerate(heads) for b in heads[i + 1:]}
     if "teacher" in outputs:
         preds["teacher"] = outputs["teacher"].argmax(1)
-        for name in ("dist", "cls", "avg"):
+        for name in (*heads[::-1], prediction):  # dist first: the head that learns from the teacher
             pairs[f"{name}_vs_teacher"] = analysis.agreement(preds[name], preds["teacher"], targets, groups)
         result["teacher"] = classification_metrics(outputs["teacher"], targets, groups, num_classes)
     result["agreement"] = pairs
@@ -255,7 +220,7 @@ def format_report(results: dict) -> str:
         "",
         f"{'':8}" + "".join(f" {title:>6}" for title in ("top-1", "top-5", "head", "mid", "tail")),
     ]
-    heads = [h for h in ("cls", "dist", "avg", "logits") if h in results]
+    heads = results["heads"]
     for h in heads:
         lines.append(f"{h:8}" + "".join(f" {fmt(results[h][k])}" for k in ("top1", "top5", "head", "mid", "tail")))
     if len(results["class_names"]) <= 20:  # per-class rows stay readable for CIFAR-10-sized label sets
@@ -269,10 +234,10 @@ def format_report(results: dict) -> str:
         att, ranks = extra["attention"], extra["feature_rank"]
         per_block = ", ".join(f"{sum(b) / len(b):.2f}" for b in att["mean_distance"])
         lines += ["", f"mean attention distance of patches per block (patches): {per_block}"]
-        for token in ("cls", "dist"):
+        for token in ranks:
             spread = ", ".join(f"{sum(b) / len(b):.2f}" for b in att[token]["spread"])
             lines.append(f"{token.upper()} attention spread per block (patches): {spread}")
-        for token in ("cls", "dist"):
+        for token in ranks:
             r = ranks[token]
             lines.append(f"{token.upper()} features: rank {r['rank']} of {r['dim']}, 90% energy in "
                          f"{r['components_90']}, 99% in {r['components_99']} components")
@@ -287,7 +252,7 @@ def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_di
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        per_class = {h: results[h]["per_class"] for h in ("cls", "dist", "avg", "logits") if h in results}
+        per_class = {h: results[h]["per_class"] for h in results["heads"]}
         analysis.plot_per_class(out / "per_class_accuracy.png", per_class, results["train_counts"],
                                 results["groups"], title)
         analysis.plot_confusion(out / "confusion_matrix.png", cm, results["train_counts"],
@@ -308,43 +273,41 @@ def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return evaluate_checkpoint(args)
-    except (EvalError, ConfigError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+    """Exit status: 0, or 2 with one line naming the bad key, file or value."""
+    return run_main(evaluate_checkpoint, argv)
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> int:
+def evaluate_checkpoint(argv: list[str] | None) -> int:
     # ---------------------------------------------------------------- checkpoint and config
-    flags = []
-    if args.analysis or args.teacher:
-        flags.append("eval.analysis=true")
-    if args.ema:
-        flags.append("eval.ema=true")
-    if args.batch_size is not None:
-        flags.append(f"eval.batch_size={args.batch_size}")
-    model, info = load_checkpoint(args.ckpt, ema=args.ema)
+    loaded: dict = {}
+
+    def checkpoint_layers(args) -> list:
+        """The checkpoint's stored data/aug sections, or what a reference file implies."""
+        model, info = load_checkpoint(args.ckpt)
+        loaded.update(model=model, info=info)
+        layers = [("the checkpoint's stored config", stored_config(info) or {})]
+        if info["kind"] == "teacher" and info["format"] in REFERENCE_FORMATS and info["arch"]["arch"] == "resnet32":
+            layers.append(("the checkpoint's format", REFERENCE_CIFAR_TEACHER))
+        return layers
+
+    cfg, args = parse_config(SPEC, argv, __doc__.split("\n\n")[0], add_arguments=add_arguments,
+                             base_layers=checkpoint_layers, other_sections_ok=True)
+    model, info = loaded["model"], loaded["info"]
     kind, arch = info["kind"], info["arch"]
-    implied: dict = {}
-    if kind == "teacher" and info["format"] in REFERENCE_FORMATS and arch["arch"] == "resnet32":
-        implied = REFERENCE_CIFAR_TEACHER
-    cfg, explicit = resolve_config(stored_config(info), implied, args.config, args.overrides + flags)
-    if cfg["eval"]["ema"] and info.get("weights") != "model_ema":  # eval.ema came from --config or an override
+    if args.teacher:
+        cfg["eval"]["analysis"] = True
+    if cfg["eval"]["ema"]:
         model, info = load_checkpoint(args.ckpt, ema=True)
     if kind == "student":  # a ViT's position embedding fixes its input size
-        if "data.input_size" in explicit and cfg["data"]["input_size"] != arch["img_size"]:
+        if "data.input_size" in args.explicit_keys and cfg["data"]["input_size"] != arch["img_size"]:
             raise EvalError(f"data.input_size={cfg['data']['input_size']} but the checkpoint's student "
                             f"takes {arch['img_size']}x{arch['img_size']} images (arch img_size)")
         cfg["data"]["input_size"] = arch["img_size"]
     if cfg["eval"]["analysis"] and kind != "student":
-        raise EvalError("--analysis needs a student checkpoint (attention, CLS/DIST features)")
+        raise EvalError("eval.analysis needs a student checkpoint (attention, CLS/DIST features)")
     teacher, teacher_info = load_checkpoint(args.teacher, teacher=True) if args.teacher else (None, None)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print_config(cfg)
         return 0
 
     accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"]})
@@ -394,19 +357,19 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"])
     with hooks:
         outputs, targets = collect_logits(model, data_loader, accelerator, forward)
-    for key in ("cls", "dist", "avg", "logits"):
-        if key in outputs and perm is not None:
+    heads = output_names(model) if kind == "student" else ["logits"]
+    for key in heads:
+        if perm is not None:
             outputs[key] = outputs[key][:, perm]
     if "teacher" in outputs and teacher_perm is not None:
         outputs["teacher"] = outputs["teacher"][:, teacher_perm]
 
     groups = dataset_val.groups
-    heads = ("cls", "dist", "avg") if kind == "student" else ("logits",)
     metrics = {h: classification_metrics(outputs[h], targets, groups, num_classes) for h in heads}
-    prediction = "avg" if kind == "student" else "logits"
+    prediction = heads[-1]  # the student's combination of its heads, or the teacher's logits
     results = {
         "kind": kind, "checkpoint": str(args.ckpt), "format": info["format"], "epoch": info.get("epoch"),
-        "weights": info.get("weights", "model"), "prediction": prediction,
+        "weights": info.get("weights", "model"), "prediction": prediction, "heads": heads,
         "overall": metrics[prediction]["top1"], "top5": metrics[prediction]["top5"],
         "head": metrics[prediction]["head"], "mid": metrics[prediction]["mid"],
         "tail": metrics[prediction]["tail"],

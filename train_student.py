@@ -5,14 +5,16 @@
 The CLS head learns the (mixup/cutmix, label-smoothed) ground truth; the DIST head learns the
 CNN teacher's hard predictions on the same mixed, strongly augmented batch (out-of-distribution
 distillation). From ``distill.drw_epoch`` on, the distillation CE is weighted by effective-number
-class weights of the teacher-predicted class, so DIST becomes the tail expert (RECIPE.md
-sections 1-2). Inference reports cls, dist and their mean (avg). ``distill.type=none`` trains the
+class weights of the teacher-predicted class, so DIST becomes the tail expert (docs/recipe.md
+sections 1-2). Inference reports the heads and their combination
+(``DistilledStudent.combine``: the mean of the logits, 'avg'). ``distill.type=none`` trains the
 same ViT without a teacher (both heads on the labels): the baseline of the ablations.
 
 Resume is automatic from ``train.output_dir``; see README "When things go wrong".
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -22,16 +24,21 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV2
 from tqdm.auto import tqdm
 
-import engine
 from data import AUG_SPEC, DATA_SPEC
+from engine import loop, metrics as eval_metrics, run_folder
+from engine.device import build_accelerator, precision_summary
+from engine.run_config import LOG_SPEC, RUN_SPEC, validate_run
+from engine.seeding import seed_everything, step_seed
+from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DistillationLoss
-from losses.drw import class_balanced_weights
-from models.student import build_student, student_logits, student_arch
-from models.teacher import fold_batchnorm, load_teacher, teacher_input_size
-from utils import check, git_sha, load_config, seed_everything, with_defaults
+from losses.drw import drw_weights
+from models.checkpoint import load_teacher, make_checkpoint
+from models.ema import ModelEma
+from models.student import build_student, output_names, student_arch, student_outputs, unwrap
+from models.teacher import fold_batchnorm, teacher_input_size
+from utils import check, git_sha, load_config, with_defaults
 
 SPEC = {
     "data": dict(DATA_SPEC),
@@ -87,17 +94,20 @@ SPEC = {
                         "map; 'no': teacher already uses the student's order", ("auto", "yes", "no")),
     },
     "train": {
-        **with_defaults(engine.RUN_SPEC, epochs=1200, output_dir="output/student"),
-        "model_ema": (True, "keep an EMA of the weights (timm ModelEmaV2), saved in checkpoints"),
+        **with_defaults(RUN_SPEC, epochs=1200, output_dir="output/student"),
+        "model_ema": (True, "keep an EMA of the weights (models/ema.py), saved in checkpoints"),
         "model_ema_decay": (0.99996, "EMA decay"),
+        "model_ema_cadence": ("micro_batch", "'micro_batch': decay once per micro-batch, as the "
+                              "reference (decay ** accum_steps per optimiser step); 'step': once "
+                              "per optimiser step", ("micro_batch", "step")),
         "eval_ema": (False, "also evaluate the EMA weights every epoch"),
     },
-    "log": dict(engine.LOG_SPEC),
+    "log": dict(LOG_SPEC),
 }
 
 
 def validate(cfg: dict) -> None:
-    engine.validate_run(cfg)
+    validate_run(cfg)
     t, d = cfg["train"], cfg["distill"]
     check(0.0 <= d["alpha"] <= 1.0, "distill.alpha", "must be in [0, 1]")
     check(d["tau"] > 0, "distill.tau", "must be > 0")
@@ -116,12 +126,30 @@ def validate(cfg: dict) -> None:
 
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
-    """DeiT's rule: lr x batch per process x processes / 512 (RECIPE section 2)."""
+    """DeiT's rule: lr x batch per process x processes / 512 (docs/recipe.md section 2)."""
     t = cfg["train"]
     factor = {"reference": t["batch_size"] * world_size / 512,
               "with_accum": t["batch_size"] * world_size * t["accum_steps"] / 512,
               "none": 1.0}[cfg["optim"]["lr_scaling"]]
     return cfg["optim"]["lr"] * factor
+
+
+def build_model(cfg: dict, num_classes: int) -> tuple[nn.Module, dict]:
+    """The student of ``cfg['model']`` for ``num_classes`` classes, and its arch dict."""
+    m = cfg["model"]
+    arch = student_arch(m["name"], num_classes, img_size=m["img_size"], patch_size=m["patch_size"],
+                        embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
+                        mlp_ratio=m["mlp_ratio"])
+    check(arch["img_size"] == cfg["data"]["input_size"], "data.input_size",
+          f"must equal the student's img_size {arch['img_size']}")
+    return build_student(arch, drop_path_rate=m["drop_path"], fused_attn=m["fused_attn"]), arch
+
+
+def build_optimizer(cfg: dict, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on biases, norms, tokens and pos_embed."""
+    o = cfg["optim"]
+    return create_optimizer_v2(model, o["opt"], lr=lr, weight_decay=o["weight_decay"],
+                               eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
 
 
 def build_scheduler(cfg: dict, optimizer) -> CosineLRScheduler:
@@ -132,11 +160,24 @@ def build_scheduler(cfg: dict, optimizer) -> CosineLRScheduler:
                              cycle_limit=1, t_in_epochs=True)
 
 
-def build_base_criterion(cfg: dict, mixup_active: bool, class_weights=None) -> nn.Module:
+def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (with label smoothing of the mixed targets), or None when both are off."""
+    aug = cfg["aug"]
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0):
+        return None
+    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
+                 switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
+                 label_smoothing=aug["smoothing"], num_classes=num_classes)
+
+
+def build_base_criterion(mixup_active: bool, smoothing: float,
+                         class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The CLS head's loss: soft-target CE on mixed targets; else label-smoothed CE, or plain
+    (optionally class-weighted) CE."""
     if mixup_active:
         return SoftTargetCrossEntropy()
-    if cfg["aug"]["smoothing"] > 0 and class_weights is None:
-        return LabelSmoothingCrossEntropy(cfg["aug"]["smoothing"])
+    if smoothing > 0 and class_weights is None:
+        return LabelSmoothingCrossEntropy(smoothing)
     return nn.CrossEntropyLoss(weight=class_weights)
 
 
@@ -151,188 +192,212 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
         return list(student_map)
     if teacher_map == student_map:
         return None
-    raise ValueError(
+    raise CheckpointError(
         f"the teacher's label order (class map stored in {cfg['distill']['teacher_ckpt']}) differs "
         f"from the student's data: it was trained on other data or another class order. Use a "
         f"teacher trained on this data, or distill.map_targets=yes/no to say how its labels map")
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, accelerator, epoch,
-                    cfg, mixup_fn, class_weights, model_ema, start_step, preemption, save_fn):
-    """One epoch of optimiser steps; returns mean loss terms, or None when preempted."""
+def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
+               class_weights=None, clip_grad=None, model_ema=None,
+               ema_decays: int = 1) -> dict[str, torch.Tensor]:
+    """One optimiser update of the student over ``window``, a list of ``(images, labels)``
+    micro-batches (gradient accumulation), then the EMA update: ``ema_decays`` EMA updates
+    towards the new weights (``len(window)`` is the reference's once-per-micro-batch cadence).
+
+    Per micro-batch: mixup/cutmix on the device, the student's heads, ``criterion`` (the
+    base loss on CLS, distillation on DIST: it calls the teacher on the mixed batch itself),
+    backward of loss / len(window) (gradients are all-reduced only at the last micro-batch).
+    Returns the mean loss terms over the window as detached device tensors (no host sync).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for i, (samples, targets) in enumerate(window):
+        # On the device before mixup (the reference's DRW phase mixed CPU tensors: docs/recipe.md
+        # section 7, bug 4).
+        samples = samples.to(accelerator.device, non_blocking=True)
+        targets = targets.to(accelerator.device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        last = i == len(window) - 1
+        with loop.no_sync(accelerator, model, sync=last):
+            with accelerator.autocast():
+                outputs = model(samples)  # the heads' logits by name
+                loss, terms = criterion(samples, outputs, targets, class_weights=class_weights)
+            accelerator.backward(loss / len(window))
+        for name, value in {"loss": loss, **terms}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() / len(window)
+    if clip_grad:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums.update(loop.skipped_term(accelerator, optimizer))
+    if model_ema is not None:
+        model_ema.update(unwrap(model), micro_batches=ema_decays)
+    return sums
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, epoch: int, cfg: dict,
+                    lr_scheduler, mixup_fn, class_weights, model_ema, start_step: int,
+                    preemption, save_fn) -> dict | None:
+    """One epoch of ``train_step``; returns the mean loss terms and lr, or None when preempted."""
     model.train()
     tcfg = cfg["train"]
-    accum, seed, rank = tcfg["accum_steps"], tcfg["seed"], accelerator.process_index
-    num_steps = engine.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
-    if start_step:
-        from accelerate import skip_first_batches
-        data_loader = skip_first_batches(data_loader, start_step * accum)
-    batches = iter(data_loader)
-    sums = {"loss": 0.0, "base": 0.0, "distill": 0.0}
-    bar = tqdm(range(start_step, num_steps), desc=f"epoch {epoch}", leave=False,
+    accum = tcfg["accum_steps"]
+    num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
+    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
+    ema_per_micro_batch = tcfg["model_ema_cadence"] == "micro_batch"
+    bar = tqdm(loop.windows(data_loader, accum, num_steps, start_step), total=num_steps - start_step,
+               desc=f"epoch {epoch}", leave=False,
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
-    for step in bar:
+    for step, window in bar:
         # lr at fractional epochs, like the reference with accumulation (and without its
-        # one-epoch lag when accumulation is 1: RECIPE section 6, bug 8).
+        # one-epoch lag when accumulation is 1: docs/recipe.md section 7, bug 8).
         lr_scheduler.step(epoch + step / num_steps)
-        engine.step_seed(seed, epoch, step, rank)
-        for _ in range(accum):
-            samples, targets = next(batches)
-            # On the device before mixup (the reference's DRW phase mixed CPU tensors: bug 4).
-            samples = samples.to(accelerator.device, non_blocking=True)
-            targets = targets.to(accelerator.device, non_blocking=True)
-            if mixup_fn is not None:
-                samples, targets = mixup_fn(samples, targets)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    outputs = model(samples)  # (cls_logits, dist_logits) in training mode
-                    loss, terms = criterion(samples, outputs, targets, class_weights=class_weights)
-                engine.check_finite({"loss": loss, **terms}, epoch, step, accelerator)
-                accelerator.backward(loss)  # accelerate divides by accum_steps
-                if accelerator.sync_gradients and cfg["optim"]["clip_grad"]:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += loss.item() / accum
-            sums["base"] += terms["base"].item() / accum
-            sums["distill"] += terms["distill"].item() / accum
-        if model_ema is not None:
-            model_ema.update(accelerator.unwrap_model(model))
-        mean_loss = sums["loss"] / (step + 1 - start_step)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if engine.after_step(cfg, accelerator, preemption, save_fn, epoch, step, num_steps, mean_loss):
+        # Seeded after loading the window: mixup and drop path draw from the step's seed.
+        step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
+        terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
+                           class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
+                           model_ema=model_ema, ema_decays=len(window) if ema_per_micro_batch else 1)
+        if monitor.after_step(step, terms):
             return None
-    done = max(1, num_steps - start_step)
-    stats = {k: v / done for k, v in sums.items()}
-    stats["lr"] = optimizer.param_groups[0]["lr"]
-    return stats
+        bar.set_postfix(loss=f"{monitor.mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {**monitor.epoch_means(), "lr": optimizer.param_groups[0]["lr"], **loop.loss_scale_record(accelerator)}
 
 
-def student_outputs(model, images):
-    cls_logits, dist_logits = student_logits(model, images)
-    return {"cls": cls_logits, "dist": dist_logits, "avg": (cls_logits + dist_logits) / 2}
+def check_sharding(accelerator, tcfg: dict) -> None:
+    """FSDP1's flat parameters leave no per-parameter shards to keep an EMA beside: refuse
+    that combination before any work (FSDP2, ``fsdp_version: 2``, works)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2 \
+            and tcfg["model_ema"]:
+        raise ConfigError("train.model_ema: the EMA needs FSDP2 (fsdp_version: 2 in the accelerate "
+                          "config, as configs/accelerate/fsdp_4gpu_bf16.yaml) or "
+                          "train.model_ema=false with FSDP1")
+
+
+def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator):
+    """(teacher, class map, teacher input size) for ``distill``; (None, None, None) without one.
+
+    The teacher is not prepared (never wrapped or sharded): DistillationLoss freezes it (eval
+    mode, no gradients) and makes it channels-last.
+    """
+    dcfg = cfg["distill"]
+    if dcfg["type"] == "none":
+        return None, None, None
+    teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
+    t_classes = tinfo["arch"]["num_classes"]
+    if t_classes != dataset.num_classes:
+        raise CheckpointError(f"teacher {dcfg['teacher_ckpt']} predicts {t_classes} classes but "
+                              f"the data has {dataset.num_classes}")
+    class_map = teacher_class_map(cfg, tinfo, dataset, accelerator)
+    if dcfg["fold_bn"]:
+        teacher, folded = fold_batchnorm(teacher)
+        accelerator.print(f"teacher: {folded} BatchNorm layers folded into the layer before them")
+    t_size = dcfg["teacher_input_size"] or teacher_input_size(tinfo, student_size)
+    accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}")
+    return teacher.to(accelerator.device), class_map, t_size
 
 
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg, dcfg = cfg["train"], cfg["distill"]
-    accelerator = engine.build_accelerator(tcfg, grad_accum=tcfg["accum_steps"])
+    accelerator = build_accelerator(tcfg)
     out = Path(tcfg["output_dir"])
-    resume_dir = engine.find_resume_state(out, cfg)
-    seed_everything(tcfg["seed"] + accelerator.process_index)
+    resume_dir = run_folder.find_resume_state(out, cfg)
+    seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
     peak_lr = scaled_lr(cfg, world)
     accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {accelerator.mixed_precision} | effective batch "
+                      f"precision {precision_summary(accelerator)} | effective batch "
                       f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | peak lr {peak_lr:.3e}")
 
     # ------------------------------------------------------------------ data
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
-        engine.build_loaders(cfg, accelerator)
+        loop.build_loaders(cfg, accelerator)
+    num_classes = dataset_train.num_classes
 
     # ------------------------------------------------------------------ model
-    m = cfg["model"]
-    arch = student_arch(m["name"], dataset_train.num_classes, img_size=m["img_size"],
-                        patch_size=m["patch_size"], embed_dim=m["embed_dim"], depth=m["depth"],
-                        num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"])
-    check(arch["img_size"] == cfg["data"]["input_size"], "data.input_size",
-          f"must equal the student's img_size {arch['img_size']}")
-    model = build_student(arch, drop_path_rate=m["drop_path"], fused_attn=m["fused_attn"])
-    model.set_distilled_training(True)  # training forward returns (cls, dist)
-    model_ema = ModelEmaV2(model, decay=tcfg["model_ema_decay"]) if tcfg["model_ema"] else None
-    o = cfg["optim"]
-    optimizer = create_optimizer_v2(model, o["opt"], lr=peak_lr, weight_decay=o["weight_decay"],
-                                    eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
+    model, arch = build_model(cfg, num_classes)
+    optimizer = build_optimizer(cfg, model, peak_lr)
     lr_scheduler = build_scheduler(cfg, optimizer)
-    if m["compile"]:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is not checkpointed: it is stepped with the (fractional) epoch every
-    # step, so it holds no state, and train.epochs may be extended on resume.
-    if model_ema is not None:
-        model_ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(model_ema)
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    if cfg["model"]["compile"]:  # after prepare: accelerate wraps the plain module (DDP/FSDP)
+        model = torch.compile(model)
+    check_sharding(accelerator, tcfg)
+    # The EMA starts from the prepared model, whose weights every process shares (shards of
+    # them under FSDP2). The scheduler is not checkpointed: it is stepped with the
+    # (fractional) epoch every step, so it holds no state, and train.epochs may grow on resume.
+    model_ema = ModelEma(unwrap(model), tcfg["model_ema_decay"]) if tcfg["model_ema"] else None
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
     accelerator.print(f"student {arch} ({n_params / 1e6:.2f}M parameters)")
 
     # ------------------------------------------------------------------ teacher and loss
-    teacher, class_map = None, None
-    if dcfg["type"] != "none":
-        # The teacher is not prepared (no DDP): DistillationLoss freezes it (eval mode, no
-        # gradients) and makes it channels-last.
-        teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
-        t_classes = tinfo["arch"]["num_classes"]
-        if t_classes != dataset_train.num_classes:
-            raise ValueError(f"teacher {dcfg['teacher_ckpt']} predicts {t_classes} classes but "
-                             f"the data has {dataset_train.num_classes}")
-        class_map = teacher_class_map(cfg, tinfo, dataset_train, accelerator)
-        if dcfg["fold_bn"]:
-            teacher, folded = fold_batchnorm(teacher)
-            accelerator.print(f"teacher: {folded} BatchNorm layers folded into the layer before them")
-        teacher = teacher.to(accelerator.device)
-        t_size = dcfg["teacher_input_size"] or teacher_input_size(tinfo, arch["img_size"])
-        accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}")
-    else:
-        t_size = None
-    aug = cfg["aug"]
-    mixup_active = aug["mixup"] > 0 or aug["cutmix"] > 0
-    mixup_fn = Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
-                     switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
-                     label_smoothing=aug["smoothing"], num_classes=dataset_train.num_classes
-                     ) if mixup_active else None
-    criterion = DistillationLoss(build_base_criterion(cfg, mixup_active), teacher, dcfg["type"],
-                                 dcfg["alpha"], dcfg["tau"], teacher_input_size=t_size,
-                                 class_map=class_map)
-    drw_weights = class_balanced_weights(dataset_train.train_counts, dcfg["drw_beta"]).to(accelerator.device)
+    teacher, class_map, t_size = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator)
+    mixup_fn = build_mixup(cfg, num_classes)
+    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"]),
+                                 teacher, dcfg["type"], dcfg["alpha"], dcfg["tau"],
+                                 teacher_input_size=t_size, class_map=class_map).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
-    progress = engine.start_or_resume(accelerator, resume_dir, out, cfg)
+    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
 
     def save_state(epoch: int, step: int) -> None:
-        engine.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step},
+                                       model_ema)
+
+    def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
+        state = loop.full_state_dict(accelerator, model)
+        ema_state = model_ema.full_state_dict() if model_ema is not None else None
+        return make_checkpoint("student", arch, state, ema_state=ema_state, epoch=epoch,
+                               config=cfg, metrics=mets, dataset=dataset_train)
 
     # ------------------------------------------------------------------ train
-    preemption = engine.Preemption()
-    groups, num_classes = dataset_train.groups, dataset_train.num_classes
+    preemption = run_folder.Preemption()
+    heads = output_names(model)
     metrics = progress.get("last_metrics")
     for epoch in range(progress["epoch"], tcfg["epochs"]):
         start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
-        drw = dcfg["drw_epoch"] is not None and epoch >= dcfg["drw_epoch"]
+        class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
+        drw = class_weights is not None
+        if drw:
+            class_weights = class_weights.to(accelerator.device)
+        epoch_mixup = mixup_fn
+        criterion.base_criterion = build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"])
         if drw and dcfg["no_mixup_drw"]:  # CIFAR recipe: plain CE on hard labels from DRW on
             epoch_mixup = None
             criterion.base_criterion = build_base_criterion(
-                {"aug": {"smoothing": 0.0}}, False, drw_weights if dcfg["weighted_cls"] else None)
-        else:
-            epoch_mixup = mixup_fn
-            criterion.base_criterion = build_base_criterion(cfg, mixup_active)
+                False, 0.0, class_weights if dcfg["weighted_cls"] else None)
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, criterion, data_loader_train, optimizer, lr_scheduler,
-                                accelerator, epoch, cfg, epoch_mixup, drw_weights if drw else None,
-                                model_ema, progress["step"] if epoch == progress["epoch"] else 0,
-                                preemption, save_state)
+        stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
+            lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
+            model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
+            preemption=preemption, save_fn=save_state)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
             return {"preempted": True}
         last = epoch + 1 == tcfg["epochs"]
         if (epoch + 1) % tcfg["eval_every"] == 0 or last:
-            metrics = engine.evaluate(accelerator.unwrap_model(model), data_loader_val, accelerator,
-                                      student_outputs, groups, num_classes, cfg["log"]["progress"])
-            if tcfg["eval_ema"] and model_ema is not None:
-                ema_metrics = engine.evaluate(model_ema.module, data_loader_val, accelerator,
-                                              student_outputs, groups, num_classes, cfg["log"]["progress"])
+            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, student_outputs,
+                                            dataset_train.groups, num_classes, cfg["log"]["progress"])
+            if tcfg["eval_ema"] and model_ema is not None:  # the same EMA on every process
+                ema_model = model_ema.model(lambda: build_model(cfg, num_classes)[0]).to(accelerator.device)
+                ema_metrics = eval_metrics.evaluate(ema_model, data_loader_val, accelerator,
+                                                    student_outputs, dataset_train.groups, num_classes,
+                                                    cfg["log"]["progress"])
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-            accelerator.print(f"epoch {epoch}: {engine.summary_line({k: metrics[k] for k in ('cls', 'dist', 'avg')})}")
+            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line({k: metrics[k] for k in heads})}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}
-        engine.epoch_end(accelerator, out, progress, record, metrics, lambda mets: engine.portable_checkpoint(
-            "student", arch, accelerator, model, model_ema, epoch, cfg, mets,
-            dataset_train), key="avg")
+        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+                             lambda mets: checkpoint(epoch, mets), key=heads[-1])
         save_state(epoch + 1, 0)
-    accelerator.print(f"done: best avg top-1 {progress['best']} (chosen on the evaluation split: "
+    accelerator.print(f"done: best {heads[-1]} top-1 {progress['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
     accelerator.end_training()
     return {"metrics": metrics, "best": progress["best"]}
 
 
 if __name__ == "__main__":
-    engine.run_main(main, load_config(SPEC, description=__doc__, validate=validate))
+    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate)))

@@ -3,7 +3,7 @@
     accelerate launch train_teacher.py --config configs/teachers/cifar10_lt_ldam_drw_sam.yaml
 
 The reference ships no teacher training code; this script follows the published recipes
-(RECIPE.md section 3). Defaults reproduce the LDAM-DRW + SAM CIFAR-10-LT IF100 teacher:
+(docs/recipe.md section 3). Defaults reproduce the LDAM-DRW + SAM CIFAR-10-LT IF100 teacher:
 ResNet-32 with a cosine (NormedLinear) head, LDAM margins (max 0.5, s 30), SGD lr 0.1 with
 5 warm-up epochs and x0.01 decays at epochs 160 and 180, DRW from epoch 160, SAM rho 0.8,
 batch 128, wd 2e-4, 200 epochs. The checkpoint it writes loads as a teacher in
@@ -12,24 +12,32 @@ train_student.py (``distill.teacher_ckpt``) and in evaluate.py.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-import engine
 from data import AUG_SPEC, DATA_SPEC
-from losses.drw import class_balanced_weights
-from losses.ldam import LDAMLoss
-from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
 from data.paco_views import paco_transform
 from data.transforms import NORMALIZATION
+from engine import loop, metrics as eval_metrics, run_folder
+from engine.device import build_accelerator, precision_summary
+from engine.run_config import LOG_SPEC, RUN_SPEC, validate_run
+from engine.seeding import seed_everything, step_seed
+from errors import ConfigError, run_main
+from losses.drw import drw_weights
+from losses.ldam import LDAMLoss
 from losses.paco import PaCoLoss
-from models.paco import build_paco, paco_to_teacher_state_dict
+from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
+from models.checkpoint import make_checkpoint
+from models.paco import build_paco
+from models.student import unwrap
 from models.teacher import build_teacher
-from utils import Nullable, check, git_sha, load_config, seed_everything, with_defaults
+from utils import Nullable, check, git_sha, load_config, with_defaults
 
 
 SPEC = {
@@ -82,21 +90,18 @@ SPEC = {
         "min_lr": (0.0, "cosine floor"),
     },
     "train": {
-        **with_defaults(engine.RUN_SPEC, epochs=200, output_dir="output/teacher"),
+        **with_defaults(RUN_SPEC, epochs=200, output_dir="output/teacher"),
         "accum_steps": (1, "gradient accumulation steps (SAM perturbs the accumulated gradient)"),
     },
-    "log": dict(engine.LOG_SPEC),
+    "log": dict(LOG_SPEC),
 }
 
 
 def validate(cfg: dict) -> None:
-    engine.validate_run(cfg)
-    o, t, s = cfg["optim"], cfg["train"], cfg["sched"]
+    validate_run(cfg)
+    o, s = cfg["optim"], cfg["sched"]
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
     check(all(isinstance(m, int) for m in s["milestones"]), "sched.milestones", "must be integers")
-    if o["sam"]:
-        check(t["mixed_precision"] != "fp16", "train.mixed_precision",
-              "SAM with fp16 loss scaling is not supported; use bf16 or no")
     if cfg["loss"]["type"] == "paco":
         check(cfg["loss"]["drw_epoch"] is None, "loss.drw_epoch",
               "PaCo re-balances with its log class prior: set loss.drw_epoch=null")
@@ -127,92 +132,93 @@ def compute_loss(model, criterion, images, targets, keys=None):
     return criterion(model(images), targets), None
 
 
-def to_device(batch, device):
-    if isinstance(batch, (list, tuple)):
-        return [to_device(b, device) for b in batch]
-    return batch.to(device, non_blocking=True)
+def _skip_overflowed_update(accelerator) -> None:
+    """What a GradScaler does on an overflowed fp16 gradient, for SAM's first pass (the
+    scaler itself never sees that pass): no update, and a smaller scale next step."""
+    scaler = accelerator.scaler
+    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, epoch, cfg,
-                    start_step, preemption, save_fn):
-    """One epoch; with SAM each update is two passes over the accumulation window."""
+def train_step(model, criterion, window, optimizer, accelerator, *, sam: bool,
+               clip_grad: float | None = None) -> dict[str, torch.Tensor]:
+    """One optimiser update of the teacher over ``window`` (micro-batches of one update).
+
+    Pass 1: the gradient at w, accumulated over the window (all-reduced at its last
+    micro-batch). With SAM, pass 2: perturb w along that (global) gradient, recompute the
+    gradient there over the same window, restore w; the SGD step then uses pass 2's gradient.
+    BatchNorm statistics are updated only in pass 1 (``disable_running_stats``), so the running
+    stats describe the real weights. Gradients are clipped once per update.
+
+    fp16 (a GradScaler on the accelerator): SAM's direction does not depend on the loss scale,
+    so pass 1's scaled gradient perturbs w as it is; an overflow there skips the update and
+    lowers the scale; pass 2 goes through the scaler as any step does (unscale, clip, skip on
+    inf, update the scale). PaCo: the key encoder's momentum update before, the queue after,
+    once per update whatever SAM does. Returns the loss terms (detached, no host sync).
+    """
+    paco = isinstance(criterion, PaCoLoss)
+    if paco:  # once per update: the key encoder follows the real weights, never w + e
+        unwrap(model).momentum_update()
+
+    def accumulate(name: str, keys: list | None) -> list:
+        new_keys = []
+        for i, (images, targets) in enumerate(window):
+            last = i == len(window) - 1
+            with loop.no_sync(accelerator, model, sync=last):
+                with accelerator.autocast():
+                    loss, k = compute_loss(model, criterion, images, targets,
+                                           None if keys is None else keys[i])
+                accelerator.backward(loss / len(window))
+            terms[name] = terms.get(name, 0.0) + loss.detach() / len(window)
+            new_keys.append(k)
+        return new_keys
+
+    terms: dict[str, torch.Tensor] = {}
+    keys = accumulate("loss", None)
+    if sam:
+        base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the SAM
+        if not base.first_step(zero_grad=True, skip_non_finite=accelerator.scaler is not None):
+            _skip_overflowed_update(accelerator)
+            return {**terms, **loop.skipped_term(accelerator, optimizer, skipped=True)}
+        disable_running_stats(model)
+        accumulate("loss_perturbed", keys)
+        enable_running_stats(model)
+        base.restore()
+    if clip_grad:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()  # SAM: the base SGD step at w with pass 2's gradient
+    optimizer.zero_grad(set_to_none=True)
+    terms.update(loop.skipped_term(accelerator, optimizer))
+    if paco:  # once per update (per micro-batch, so no keys are lost), after the step
+        for (_, targets), k in zip(window, keys):
+            unwrap(model).dequeue_and_enqueue(k, targets)
+    return terms
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, epoch: int,
+                    cfg: dict, start_step: int, preemption, save_fn) -> dict | None:
+    """One epoch of ``train_step``; returns the mean loss and lr, or None when preempted."""
     model.train()
-    tcfg, use_sam = cfg["train"], cfg["optim"]["sam"]
+    tcfg, o = cfg["train"], cfg["optim"]
     accum = tcfg["accum_steps"]
-    num_steps = engine.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
-    if start_step:
-        from accelerate import skip_first_batches
-        data_loader = skip_first_batches(data_loader, start_step * accum)
-    batches = iter(data_loader)
-    total, seen = 0.0, 0
-    bar = tqdm(range(start_step, num_steps), desc=f"epoch {epoch}", leave=False,
+    num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
+    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
+    bar = tqdm(loop.windows(data_loader, accum, num_steps, start_step), total=num_steps - start_step,
+               desc=f"epoch {epoch}", leave=False,
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
-    for step in bar:
+    lr = learning_rate(cfg, epoch)
+    for step, window in bar:
         lr = learning_rate(cfg, epoch + step / num_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-            group["rho"] = (rho_for_epoch(cfg["optim"]["rho_schedule"], epoch)
-                            if cfg["optim"]["rho_schedule"] else cfg["optim"]["rho"])
-        engine.step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
-        window = [to_device(next(batches), accelerator.device) for _ in range(accum)]
-        paco = isinstance(criterion, PaCoLoss)
-        if paco:  # once per update: the key encoder follows the real weights, never w + e
-            accelerator.unwrap_model(model).momentum_update()
-        # Pass 1: gradient at w, accumulated over the window (all-reduced at its last batch).
-        step_loss, keys = 0.0, []
-        for images, targets in window:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, k = compute_loss(model, criterion, images, targets)
-                keys.append(k)
-                engine.check_finite({"loss": loss}, epoch, step, accelerator)
-                accelerator.backward(loss)
-                step_loss += loss.item() / accum
-                if not use_sam:
-                    if cfg["optim"]["clip_grad"]:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        if use_sam:
-            # Pass 2: SAM perturbs w along the (global, all-reduced) gradient, recomputes the
-            # gradient there over the same window, restores w and takes the SGD step with it.
-            # BatchNorm statistics are updated only in pass 1 (disable_running_stats), so the
-            # running stats describe the real weights, not the perturbed ones.
-            sam = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's wrapper
-            sam.first_step(zero_grad=True)
-            disable_running_stats(model)
-            for i, (images, targets) in enumerate(window):
-                sync = i == len(window) - 1
-                ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
-                with ctx:
-                    with accelerator.autocast():
-                        loss2, _ = compute_loss(model, criterion, images, targets, keys[i])
-                    engine.check_finite({"loss_perturbed": loss2}, epoch, step, accelerator)
-                    accelerator.backward(loss2)
-            enable_running_stats(model)
-            if cfg["optim"]["clip_grad"]:
-                accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
-            sam.second_step(zero_grad=True)
-        if paco:  # once per update (per micro-batch, so no keys are lost), after the step
-            for (_, targets), k in zip(window, keys):
-                accelerator.unwrap_model(model).dequeue_and_enqueue(k, targets)
-        total += step_loss
-        seen += 1
-        bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.2e}")
-        if engine.after_step(cfg, accelerator, preemption, save_fn, epoch, step, num_steps, total / seen):
+            group["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
+        step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
+        window = [loop.to_device(batch, accelerator.device) for batch in window]
+        terms = train_step(model, criterion, window, optimizer, accelerator, sam=o["sam"],
+                           clip_grad=o["clip_grad"])
+        if monitor.after_step(step, terms):
             return None
-    return {"loss": total / max(1, seen), "lr": lr}
-
-
-def teacher_checkpoint(arch, accelerator, model, epoch, cfg, metrics, dataset) -> dict:
-    """Portable teacher checkpoint; a PaCo model is saved as its plain teacher (query
-    backbone + ``linear``, head 'linear'), which is what the student distils from."""
-    payload = engine.portable_checkpoint("teacher", arch, accelerator, model, None, epoch, cfg,
-                                         metrics, dataset)
-    if cfg["loss"]["type"] == "paco":
-        payload["model"] = paco_to_teacher_state_dict(payload["model"], arch["arch"])
-        payload["arch"] = {**arch, "head": "linear"}
-    return payload
+        bar.set_postfix(loss=f"{monitor.mean_loss:.4f}", lr=f"{lr:.2e}")
+    return {**monitor.epoch_means(), "lr": lr, **loop.loss_scale_record(accelerator)}
 
 
 def teacher_outputs(model, images):
@@ -222,20 +228,23 @@ def teacher_outputs(model, images):
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg = cfg["train"]
-    accelerator = engine.build_accelerator(tcfg, grad_accum=tcfg["accum_steps"])
+    accelerator = build_accelerator(tcfg)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("train_teacher.py: teachers are small CNNs trained with DDP; launch it "
+                          "without an FSDP accelerate config (FSDP is for the student)")
     out = Path(tcfg["output_dir"])
-    resume_dir = engine.find_resume_state(out, cfg)
-    seed_everything(tcfg["seed"] + accelerator.process_index)
+    resume_dir = run_folder.find_resume_state(out, cfg)
+    seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
     accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {accelerator.mixed_precision} | effective batch "
+                      f"precision {precision_summary(accelerator)} | effective batch "
                       f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | lr {cfg['optim']['lr']}")
 
     # ------------------------------------------------------------------ data
     paco_views = (paco_transform(cfg["data"], cfg["data"]["dataset"], NORMALIZATION[cfg["aug"]["normalize"]])
                   if cfg["loss"]["type"] == "paco" else None)  # PaCo's two augmented views
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
-        engine.build_loaders(cfg, accelerator, train_transform=paco_views)
+        loop.build_loaders(cfg, accelerator, train_transform=paco_views)
     counts = dataset_train.train_counts
 
     # ------------------------------------------------------------------ model, loss, optimiser
@@ -261,47 +270,54 @@ def main(cfg: dict) -> dict:
         optimizer = SAM(model.parameters(), torch.optim.SGD, rho=o["rho"], adaptive=o["adaptive"], **sgd)
     else:
         optimizer = torch.optim.SGD(model.parameters(), **sgd)
-    if m["compile"]:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    drw_weights = class_balanced_weights(counts, lcfg["drw_beta"]).to(accelerator.device)
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    if m["compile"]:  # after prepare: accelerate wraps the plain module
+        model = torch.compile(model)
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
     accelerator.print(f"teacher {arch} ({n_params / 1e6:.2f}M parameters), loss {lcfg['type']}, "
                       f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
 
     # ------------------------------------------------------------------ resume
-    progress = engine.start_or_resume(accelerator, resume_dir, out, cfg)
+    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
 
     def save_state(epoch: int, step: int) -> None:
-        engine.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+
+    def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
+        state = loop.full_state_dict(accelerator, model)
+        return make_checkpoint("teacher", arch, state, epoch=epoch, config=cfg, metrics=mets,
+                               dataset=dataset_train)  # a PaCo model is stored as its plain teacher
 
     # ------------------------------------------------------------------ train
-    preemption = engine.Preemption()
+    preemption = run_folder.Preemption()
     metrics = progress.get("last_metrics")
     for epoch in range(progress["epoch"], tcfg["epochs"]):
         start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
-        drw = lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]
-        weight = drw_weights if drw else None  # DRW: class-balanced weights from drw_epoch on
+        weight = drw_weights(counts, epoch, lcfg["drw_epoch"], lcfg["drw_beta"])  # None before DRW
+        drw = weight is not None
+        if drw:
+            weight = weight.to(accelerator.device)
         if isinstance(criterion, LDAMLoss):
             criterion.weight = weight
         elif not isinstance(criterion, PaCoLoss):  # PaCo re-balances with its log prior
             criterion = nn.CrossEntropyLoss(weight=weight)
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator, epoch,
-                                cfg, progress["step"] if epoch == progress["epoch"] else 0,
-                                preemption, save_state)
+        stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator,
+                                epoch=epoch, cfg=cfg,
+                                start_step=progress["step"] if epoch == progress["epoch"] else 0,
+                                preemption=preemption, save_fn=save_state)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
             return {"preempted": True}
         if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
-            metrics = engine.evaluate(accelerator.unwrap_model(model), data_loader_val, accelerator,
-                                      teacher_outputs, dataset_train.groups, dataset_train.num_classes,
-                                      cfg["log"]["progress"])
-            accelerator.print(f"epoch {epoch}: {engine.summary_line(metrics)}")
+            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, teacher_outputs,
+                                            dataset_train.groups, dataset_train.num_classes,
+                                            cfg["log"]["progress"])
+            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}
-        engine.epoch_end(accelerator, out, progress, record, metrics, lambda mets: teacher_checkpoint(
-            arch, accelerator, model, epoch, cfg, mets, dataset_train), key="logits")
+        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+                             lambda mets: checkpoint(epoch, mets), key="logits")
         save_state(epoch + 1, 0)
     accelerator.print(f"done: best top-1 {progress['best']}")
     accelerator.end_training()
@@ -309,4 +325,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    engine.run_main(main, load_config(SPEC, description=__doc__, validate=validate))
+    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate)))

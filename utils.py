@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key and what is allowed."""
+from errors import ConfigError
 
 
 class Nullable:
@@ -183,14 +180,25 @@ def format_help(spec: dict) -> str:
     return "\n".join(lines)
 
 
-def load_config(spec: dict, argv: list[str] | None = None, description: str = "",
-                validate=None, other_sections_ok: bool = False) -> dict:
+def parse_config(spec: dict, argv: list[str] | None = None, description: str = "",
+                 validate=None, add_arguments=None, base_layers=None,
+                 other_sections_ok: bool = False) -> tuple[dict, argparse.Namespace]:
     """Parse ``--config``, ``--print-config`` and dotted overrides against ``spec``.
 
-    Returns the resolved nested dict of plain values. ``validate(cfg)`` may raise
-    ConfigError for impossible combinations. ``--print-config`` prints YAML and exits.
-    ``other_sections_ok`` lets a tool that needs only some sections (``data.summary``) read
-    a script's full config file, skipping the sections it does not know.
+    Returns ``(cfg, args)``: the resolved nested dict of plain values and the parsed
+    arguments (``args.print_config``; ``args.explicit_keys``, the dotted keys that --config or
+    an override set). Precedence: defaults < ``base_layers(args)`` < ``--config`` < overrides.
+
+    - ``add_arguments(parser)`` adds a script's own flags (evaluate.py's ``--ckpt``).
+    - ``base_layers(args)`` returns ``[(origin, updates), ...]`` merged over the defaults
+      before --config; their keys unknown to ``spec`` are skipped (a checkpoint's stored
+      config may be older or newer than the code), their values are checked.
+    - ``other_sections_ok`` lets a tool that needs only some sections read a script's full
+      config file, skipping the sections it does not know.
+    - ``validate(cfg)`` may raise ConfigError for impossible combinations; it is not run with
+      ``--print-config``.
+
+    Raises ConfigError naming the key; prints nothing itself.
     """
     parser = argparse.ArgumentParser(
         description=description, epilog=format_help(spec),
@@ -200,24 +208,48 @@ def load_config(spec: dict, argv: list[str] | None = None, description: str = ""
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (keys and types are "
                              "checked; checks needing files, such as the teacher, are not)")
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides applied after --config, e.g. optim.lr=5e-4")
     args = parser.parse_args(argv)
+    cfg, _, types = split_spec(spec)
+    for origin, updates in (base_layers(args) if base_layers is not None else []):
+        known = {section: {k: v for k, v in (leaves or {}).items() if f"{section}.{k}" in types}
+                 for section, leaves in updates.items() if section in cfg and isinstance(leaves, dict)}
+        merge(cfg, known, types, origin)
+    layers = []
+    if args.config:
+        updates = read_yaml(args.config)
+        if other_sections_ok:
+            updates = {k: v for k, v in updates.items() if k in cfg}
+        layers.append((args.config, updates))
+    layers += [("command line", parse_override(text)) for text in args.overrides]
+    args.explicit_keys = set()
+    for origin, updates in layers:
+        merge(cfg, updates, types, origin)
+        args.explicit_keys |= {f"{s}.{k}" for s, leaves in updates.items() for k in leaves}
+    if validate is not None and not args.print_config:
+        validate(cfg)
+    return cfg, args
+
+
+def print_config(cfg: dict) -> None:
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+
+
+def load_config(spec: dict, argv: list[str] | None = None, description: str = "",
+                validate=None, other_sections_ok: bool = False) -> dict:
+    """``parse_config`` for a training script: a config error exits with status 2 and one
+    line naming the key; ``--print-config`` prints the YAML and exits."""
     try:
-        cfg, _, types = split_spec(spec)
-        if args.config:
-            updates = read_yaml(args.config)
-            if other_sections_ok:
-                updates = {k: v for k, v in updates.items() if k in cfg}
-            merge(cfg, updates, types, args.config)
-        for text in args.overrides:
-            merge(cfg, parse_override(text), types, "command line")
-        if validate is not None and not args.print_config:
-            validate(cfg)
+        cfg, args = parse_config(spec, argv, description, validate,
+                                 other_sections_ok=other_sections_ok)
     except ConfigError as e:
-        parser.exit(2, f"config error: {e}\n")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.print_config:
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print_config(cfg)
         sys.exit(0)
     return cfg
 
@@ -307,12 +339,3 @@ def git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -4,7 +4,7 @@
 
 Two pipelines on the CIFAR-10-LT IF100 subset (12,406 images) of the local CIFAR-10 copy:
 - 32x32: ``pad_crop`` + RandAugment rand-m9-mstd0.5-inc1 + random erasing (native resolution);
-- 224x224: the reference's ``rrc`` transform (RECIPE section 2), 32x32 upsampled.
+- 224x224: the reference's ``rrc`` transform (docs/recipe.md section 2), 32x32 upsampled.
 each with 0, 1 and 2 DataLoader workers. The first batch (worker start-up) is timed apart;
 the rate is over the batches after it. With 0 workers the CPU time per image is reported as
 well: it depends less than the wall-clock rates on what else runs on the machine (shared

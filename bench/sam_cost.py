@@ -22,51 +22,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import set_cpu_threads  # noqa: E402
+from engine.device import build_accelerator, set_cpu_threads  # noqa: E402
 from losses.ldam import LDAMLoss  # noqa: E402
 from losses.paco import PaCoLoss  # noqa: E402
-from losses.sam import SAM, disable_running_stats, enable_running_stats  # noqa: E402
+from losses.sam import SAM  # noqa: E402
 from models.paco import build_paco  # noqa: E402
 from models.teacher import build_teacher  # noqa: E402
+from train_teacher import train_step as teacher_train_step  # noqa: E402
 
 
-def time_steps(model, optimizer, criterion, x, y, steps: int, sam: bool) -> float:
+def time_steps(model, optimizer, criterion, window, steps: int, sam: bool, accelerator) -> float:
+    """Seconds per ``train_teacher.train_step`` (the script's own step, SAM or plain SGD,
+    PaCo's momentum update and queue included) in bf16 autocast."""
     start = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = criterion(model(x).float(), y)
-        loss.backward()
-        if sam:
-            optimizer.first_step(zero_grad=True)
-            disable_running_stats(model)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                criterion(model(x).float(), y).backward()
-            enable_running_stats(model)
-            optimizer.second_step(zero_grad=True)
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
-
-
-def time_paco_steps(model, optimizer, criterion, x, x_k, y, steps: int) -> float:
-    """PaCo + SAM steps as in train_teacher.py: one momentum update, the first pass computes
-    the keys, the second pass at w + e reuses them, one enqueue after the step."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.momentum_update()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x, x_k, y)
-            loss = criterion(out.features, out.labels, out.sup_logits)
-        loss.backward()
-        optimizer.first_step(zero_grad=True)
-        disable_running_stats(model)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out2 = model(x, labels=y, keys=out.keys)
-            criterion(out2.features, out2.labels, out2.sup_logits).backward()
-        enable_running_stats(model)
-        optimizer.second_step(zero_grad=True)
-        model.dequeue_and_enqueue(out.keys, y)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16):
+            terms = teacher_train_step(model, criterion, window, optimizer, accelerator, sam=sam)
+        terms["loss"].item()  # the loop's once-per-step host sync
     return (time.perf_counter() - start) / steps
 
 
@@ -79,6 +51,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "sam_cost.json"), help="output JSON")
     args = parser.parse_args()
     set_cpu_threads()
+    accelerator = build_accelerator({"mixed_precision": "no"})  # bf16: the autocast in time_steps
     torch.manual_seed(0)
     counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     model = build_teacher(args.arch, 10, "normed").to(memory_format=torch.channels_last)
@@ -87,20 +60,21 @@ def main() -> None:
     criterion = LDAMLoss(counts)
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.01, momentum=0.9)
-    time_steps(model, sgd, criterion, x, y, 2, sam=False)  # warm-up
-    time_steps(model, sam, criterion, x, y, 2, sam=True)
+    window = [(x, y)]
+    time_steps(model, sgd, criterion, window, 2, False, accelerator)  # warm-up
+    time_steps(model, sam, criterion, window, 2, True, accelerator)
     # PaCo + SAM with the published CIFAR sizes (moco dim 32, queue 1024), same batch.
     paco = build_paco(args.arch, 10, dim=32, K=1024).to(memory_format=torch.channels_last).train()
     paco_loss = PaCoLoss(alpha=0.01, temperature=0.05, K=1024, num_classes=10, cls_num_list=counts)
     paco_sam = SAM([p for p in paco.parameters() if p.requires_grad], torch.optim.SGD, rho=0.1,
                    lr=0.01, momentum=0.9)
-    x_k = torch.randn_like(x)
-    time_paco_steps(paco, paco_sam, paco_loss, x, x_k, y, 2)
+    paco_window = [([x, torch.randn_like(x)], y)]  # PaCo's two views
+    time_steps(paco, paco_sam, paco_loss, paco_window, 2, True, accelerator)
     rows = []
     for _ in range(args.repeats):
-        t_sgd = time_steps(model, sgd, criterion, x, y, args.steps, sam=False)
-        t_sam = time_steps(model, sam, criterion, x, y, args.steps, sam=True)
-        t_paco = time_paco_steps(paco, paco_sam, paco_loss, x, x_k, y, args.steps)
+        t_sgd = time_steps(model, sgd, criterion, window, args.steps, False, accelerator)
+        t_sam = time_steps(model, sam, criterion, window, args.steps, True, accelerator)
+        t_paco = time_steps(paco, paco_sam, paco_loss, paco_window, args.steps, True, accelerator)
         rows.append({"sgd_s": t_sgd, "sam_s": t_sam, "paco_sam_s": t_paco, "ratio": t_sam / t_sgd,
                      "paco_sam_over_sam": t_paco / t_sam})
     ratios = [r["ratio"] for r in rows]

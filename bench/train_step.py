@@ -4,11 +4,12 @@
     python bench/train_step.py --config configs/cifar10_lt_cpu.yaml --steps 10 --repeats 5 \
         [--compile] [--eval-check] [--json OUT]
 
-One step is ``train_student.train_one_epoch``'s (accumulation 1): timm ``Mixup`` on the batch,
-the student forward (``(cls, dist)`` logits), ``DistillationLoss`` (which resizes the mixed
-batch and calls the teacher itself), backward, the AdamW step of timm's
-``create_optimizer_v2`` (gradient clipping when ``optim.clip_grad`` is set) and the EMA update
-when ``train.model_ema`` is on. The input is synthetic (random 8-bit images, normalised, random
+One step is ``train_student.train_step`` itself, imported (a window of one micro-batch): timm
+``Mixup`` on the batch, the student's heads, ``DistillationLoss`` (which resizes the mixed
+batch and calls the teacher itself), backward, the AdamW step (gradient clipping when
+``optim.clip_grad`` is set) and the EMA update when ``train.model_ema`` is on. The student,
+optimiser, mixup and base loss are built by ``train_student``'s own builders; only the modes,
+the timing, the memory readings and the report are this file's. The input is synthetic (random 8-bit images, normalised, random
 labels): the data pipeline is measured apart by ``bench/data_throughput.py``. The teacher is
 randomly initialised by ``build_teacher`` (ResNet-32 with LDAM's normed head for CIFAR,
 ResNet-50 otherwise), so no checkpoint is needed; its speed does not depend on its weights.
@@ -73,19 +74,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.utils import ModelEmaV2  # noqa: E402
+from models.ema import ModelEma  # noqa: E402
 
-import engine  # noqa: E402
+from data.build import BENCHMARK_CLASSES  # noqa: E402
+from data.transforms import NORMALIZATION  # noqa: E402
+from engine.device import build_accelerator, set_cpu_threads  # noqa: E402
+from engine.seeding import step_seed  # noqa: E402
 from losses.distillation import DistillationLoss  # noqa: E402
-from models.student import build_student, set_fused_attn, student_arch  # noqa: E402
+from models.student import set_fused_attn, student_outputs  # noqa: E402
 from models.teacher import build_teacher, fold_batchnorm  # noqa: E402
-from train_student import SPEC, build_base_criterion  # noqa: E402
+from train_student import (SPEC, build_base_criterion, build_mixup, build_model,  # noqa: E402
+                           build_optimizer, scaled_lr, train_step as student_train_step)
 from utils import atomic_write_text, load_config, to_plain  # noqa: E402
-
-NUM_CLASSES = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}
-MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 
 
 @dataclass(frozen=True)
@@ -147,30 +147,25 @@ class ModeState:
     """Everything one mode trains with; models are separate per mode (same initial weights)."""
 
     mode: Mode
-    device: torch.device
+    accelerator: object        # fp32 Accelerator; bf16 modes add an autocast region around it
     model: nn.Module           # what the step calls (compiled in the compile mode)
     raw_model: nn.Module       # the uncompiled student (EMA, evaluation)
     criterion: DistillationLoss
     optimizer: torch.optim.Optimizer
-    model_ema: ModelEmaV2 | None
+    model_ema: ModelEma | None
     mixup_fn: Mixup | None
     clip_grad: float | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
 
 # ----------------------------------------------------------------------------- set-up
 
 
-def resolve_arch(cfg: dict) -> dict:
-    """The student architecture of a config (as train_student.main resolves it)."""
-    m = cfg["model"]
-    arch = student_arch(m["name"], NUM_CLASSES.get(cfg["data"]["dataset"], 10),
-                        img_size=m["img_size"], patch_size=m["patch_size"],
-                        embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-                        mlp_ratio=m["mlp_ratio"])
-    if arch["img_size"] != cfg["data"]["input_size"]:
-        raise SystemExit(f"config error: data.input_size={cfg['data']['input_size']} must equal "
-                         f"the student's img_size {arch['img_size']}")
-    return arch
+def num_classes_of(cfg: dict) -> int:
+    return BENCHMARK_CLASSES.get(cfg["data"]["dataset"], 10)
 
 
 def teacher_spec(cfg: dict, arch: dict) -> dict | None:
@@ -183,55 +178,37 @@ def teacher_spec(cfg: dict, arch: dict) -> dict | None:
             "head": "normed" if cifar else "linear", "input_size": int(size)}
 
 
-def peak_lr(cfg: dict) -> float:
-    """train_student's peak lr for one process (the value does not change the timing)."""
-    t = cfg["train"]
-    scale = {"reference": t["batch_size"] / 512, "with_accum": t["batch_size"] * t["accum_steps"] / 512,
-             "none": 1.0}[cfg["optim"]["lr_scaling"]]
-    return cfg["optim"]["lr"] * scale
-
-
-def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
-    aug = cfg["aug"]
-    if not (aug["mixup"] > 0 or aug["cutmix"] > 0):
-        return None
-    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
-                 switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
-                 label_smoothing=aug["smoothing"], num_classes=num_classes)
-
-
-def build_mode(mode: Mode, cfg: dict, arch: dict, teacher: nn.Module | None,
-               device: torch.device, seed: int = 0) -> ModeState:
-    """Student, EMA, optimiser, mixup and loss of ``train_student.main`` under ``mode``.
+def build_mode(mode: Mode, cfg: dict, teacher: nn.Module | None, accelerator,
+               seed: int = 0) -> ModeState:
+    """Student, EMA, optimiser, mixup and loss as ``train_student.main`` builds them, under ``mode``.
 
     ``teacher`` is copied, so every mode gets the same teacher weights in its own layout.
     The seed is reset first, so every mode starts from the same student weights.
     """
     torch.manual_seed(seed)
-    m, o, t, d = cfg["model"], cfg["optim"], cfg["train"], cfg["distill"]
-    model = build_student(arch, drop_path_rate=m["drop_path"], fused_attn=mode.fused_attn).to(device)
-    model.set_distilled_training(True)
-    model.train()
-    model_ema = ModelEmaV2(model, decay=t["model_ema_decay"]) if t["model_ema"] else None
-    optimizer = create_optimizer_v2(model, o["opt"], lr=peak_lr(cfg), weight_decay=o["weight_decay"],
-                                    eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
-    mixup_fn = build_mixup(cfg, arch["num_classes"])
+    t, d = cfg["train"], cfg["distill"]
+    cfg = {**cfg, "model": {**cfg["model"], "fused_attn": mode.fused_attn}}
+    model, _ = build_model(cfg, num_classes_of(cfg))
+    model = model.to(accelerator.device).train()
+    model_ema = ModelEma(model, t["model_ema_decay"]) if t["model_ema"] else None
+    optimizer = build_optimizer(cfg, model, scaled_lr(cfg, 1))
+    mixup_fn = build_mixup(cfg, num_classes_of(cfg))
     size = None
     if teacher is not None:
         size = getattr(teacher, "bench_input_size", None)
-        teacher = copy.deepcopy(teacher).to(device)
+        teacher = copy.deepcopy(teacher).to(accelerator.device)
         if mode.teacher_fold_bn:
             teacher, _ = fold_batchnorm(teacher)
         if not mode.teacher_channels_last:
             teacher = ContiguousInput(teacher)
-    criterion = DistillationLoss(build_base_criterion(cfg, mixup_fn is not None), teacher,
-                                 d["type"], d["alpha"], d["tau"], teacher_input_size=size)
+    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"]),
+                                 teacher, d["type"], d["alpha"], d["tau"], teacher_input_size=size)
     if teacher is not None and not mode.teacher_channels_last:
         # DistillationLoss made the weights channels-last; the baseline keeps them NCHW.
         criterion.teacher.to(memory_format=torch.contiguous_format)
     step_model = torch.compile(model) if mode.compile else model
-    return ModeState(mode, device, step_model, model, criterion, optimizer, model_ema, mixup_fn,
-                     o["clip_grad"])
+    return ModeState(mode, accelerator, step_model, model, criterion, optimizer, model_ema, mixup_fn,
+                     cfg["optim"]["clip_grad"])
 
 
 def make_teacher(spec: dict | None, seed: int = 0) -> nn.Module | None:
@@ -247,7 +224,7 @@ def synthetic_batches(count: int, batch: int, size: int, num_classes: int, norma
                       device: torch.device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random 8-bit images normalised like the data pipeline's output, and random labels."""
     g = torch.Generator().manual_seed(seed)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[normalize])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[normalize])
     out = []
     for _ in range(count):
         pixels = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
@@ -262,23 +239,16 @@ def synthetic_batches(count: int, batch: int, size: int, num_classes: int, norma
 
 def train_step(state: ModeState, samples: torch.Tensor, targets: torch.Tensor
                ) -> tuple[float, torch.Tensor]:
-    """One optimiser step as in ``train_student.train_one_epoch``; (loss, the mixed batch).
+    """``train_student.train_step`` on a window of one micro-batch, in the mode's autocast;
+    (loss, the mixed batch the teacher saw, for the teacher timings).
 
     ``samples`` is mixed in place by timm's Mixup: pass a copy.
     """
-    if state.mixup_fn is not None:
-        samples, targets = state.mixup_fn(samples, targets)
     with autocast(state.mode, state.device):
-        outputs = state.model(samples)  # (cls_logits, dist_logits) in training mode
-        loss, _ = state.criterion(samples, outputs, targets)
-    loss.backward()
-    if state.clip_grad:
-        torch.nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.clip_grad)
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    if state.model_ema is not None:
-        state.model_ema.update(state.raw_model)
-    return loss.item(), samples  # .item() waits for the step, as the real loop's logging does
+        terms = student_train_step(state.model, state.criterion, [(samples, targets)], state.optimizer,
+                                   state.accelerator, mixup_fn=state.mixup_fn, clip_grad=state.clip_grad,
+                                   model_ema=state.model_ema)
+    return terms["loss"].item(), samples  # .item(): the loop's once-per-step host sync
 
 
 def synchronize(device: torch.device) -> None:
@@ -290,14 +260,14 @@ def run_steps(state: ModeState, batches: list, first: int, count: int
               ) -> tuple[list[float], list[float], torch.Tensor]:
     """``count`` timed steps; (seconds per step, losses, last mixed batch).
 
-    Step ``i`` seeds the RNGs as the training loop does (``engine.step_seed``), so every mode
+    Step ``i`` seeds the RNGs as the training loop does (``step_seed``), so every mode
     sees the same mixup/cutmix draws and drop-path masks at the same step index.
     """
     times, losses, mixed = [], [], None
     for i in range(first, first + count):
         x, y = batches[i % len(batches)]
         x = x.clone()  # Mixup works in place; the copy stays outside the timing
-        engine.step_seed(0, 0, i, 0)
+        step_seed(0, 0, i, 0)
         synchronize(state.device)
         start = time.perf_counter()
         loss, mixed = train_step(state, x, y)
@@ -324,7 +294,7 @@ def time_teacher(state: ModeState, mixed: torch.Tensor, calls: int) -> list[floa
 
 @torch.no_grad()
 def teacher_variants(teacher: nn.Module, mixed: torch.Tensor, input_size: int, calls: int,
-                     device: torch.device) -> dict:
+                     accelerator) -> dict:
     """Median ms per teacher forward (resize included) in layouts and precisions the loss could use.
 
     ``fp32_nchw``: the fp32 mode's teacher; ``bf16_autocast_channels_last``: the fast mode's
@@ -335,6 +305,7 @@ def teacher_variants(teacher: nn.Module, mixed: torch.Tensor, input_size: int, c
     def loss_with(net: nn.Module) -> DistillationLoss:
         return DistillationLoss(nn.Identity(), net, "hard", 0.5, 1.0, teacher_input_size=input_size)
 
+    device = accelerator.device
     fp32 = loss_with(ContiguousInput(copy.deepcopy(teacher).to(device)))
     fp32.teacher.to(memory_format=torch.contiguous_format)
     folded, _ = fold_batchnorm(copy.deepcopy(teacher).to(device))
@@ -345,7 +316,7 @@ def teacher_variants(teacher: nn.Module, mixed: torch.Tensor, input_size: int, c
                 "bf16_weights_channels_last": (bf16, MODES["fp32"], mixed.to(torch.bfloat16))}
     out = {}
     for name, (criterion, mode, x) in variants.items():
-        state = ModeState(mode, device, None, None, criterion, None, None, None, None)
+        state = ModeState(mode, accelerator, None, None, criterion, None, None, None, None)
         out[name] = 1000 * statistics.median(time_teacher(state, x, calls))
     return out
 
@@ -390,14 +361,15 @@ def spread(values: list[float]) -> dict:
 
 
 def benchmark(cfg: dict, modes: list[Mode], steps: int, repeats: int, warmup: int,
-              teacher_calls: int, device: torch.device) -> tuple[dict, dict]:
+              teacher_calls: int, accelerator) -> tuple[dict, dict]:
     """Alternate the modes per repeat; return (per-mode results, per-mode trained states)."""
-    arch = resolve_arch(cfg)
+    device = accelerator.device
+    _, arch = build_model(cfg, num_classes_of(cfg))
     spec = teacher_spec(cfg, arch)
     teacher = make_teacher(spec)
     batch, size = cfg["train"]["batch_size"], arch["img_size"]
     batches = synthetic_batches(2, batch, size, arch["num_classes"], cfg["aug"]["normalize"], device)
-    states = {mode.name: build_mode(mode, cfg, arch, teacher, device) for mode in modes}
+    states = {mode.name: build_mode(mode, cfg, teacher, accelerator) for mode in modes}
     raw = {mode.name: {"step_s": [], "losses": [], "teacher_s": [], "peak_mb": [], "step_mem_mb": [],
                        "warmup_s": []} for mode in modes}
 
@@ -454,7 +426,7 @@ def benchmark(cfg: dict, modes: list[Mode], steps: int, repeats: int, warmup: in
     if teacher is not None and teacher_calls > 0:
         # The last mixed batch of the last mode: any mixed batch of this shape will do.
         out["teacher_variants_ms"] = teacher_variants(teacher, mixed, spec["input_size"],
-                                                      teacher_calls, device)
+                                                      teacher_calls, accelerator)
     return out, states
 
 
@@ -480,21 +452,19 @@ def accuracy(state: ModeState, model: nn.Module, images: torch.Tensor, labels: t
              batch: int) -> tuple[dict, torch.Tensor]:
     """Top-1 of cls, dist and avg in the mode's precision; also the avg predictions."""
     model.eval()
-    correct = {"cls": 0, "dist": 0, "avg": 0}
+    correct: dict[str, int] = {}
     preds = []
     for i in range(0, len(labels), batch):
         x, y = images[i:i + batch].to(state.device), labels[i:i + batch].to(state.device)
         with autocast(state.mode, state.device):
-            cls_logits, dist_logits = model(x)
-        cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
-        avg = (cls_logits + dist_logits) / 2
-        for name, logits in (("cls", cls_logits), ("dist", dist_logits), ("avg", avg)):
-            correct[name] += (logits.argmax(1) == y).sum().item()
-        preds.append(avg.argmax(1).cpu())
+            out = student_outputs(model, x)
+        for name, logits in out.items():
+            correct[name] = correct.get(name, 0) + (logits.float().argmax(1) == y).sum().item()
+        preds.append(out[model.PREDICTION].float().argmax(1).cpu())
     return {k: 100.0 * v / len(labels) for k, v in correct.items()}, torch.cat(preds)
 
 
-def eval_check(cfg: dict, device: torch.device, data_path: str, train_steps: int,
+def eval_check(cfg: dict, accelerator, data_path: str, train_steps: int,
                eval_images: int | None) -> dict:
     """Top-1 of the same weights evaluated in fp32 and in the bf16 modes on the CIFAR test split.
 
@@ -514,16 +484,17 @@ def eval_check(cfg: dict, device: torch.device, data_path: str, train_steps: int
     print(f"[eval-check] decoded {len(y_train)} train / {len(y_test)} test images in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
 
+    device = accelerator.device
     train_cfg = {**cfg, "distill": {**cfg["distill"], "type": "none"}}
-    arch = resolve_arch(cfg)
     train_mode = MODES["fast" if device.type == "cuda" else "fast_math"]
-    state = build_mode(train_mode, train_cfg, arch, None, device)
+    state = build_mode(train_mode, train_cfg, None, accelerator)
+    arch = state.raw_model.student_arch
     batch = cfg["train"]["batch_size"]
     g = torch.Generator().manual_seed(0)
     start, losses = time.perf_counter(), []
     for step in range(train_steps):
         idx = torch.randint(0, len(y_train), (batch,), generator=g)
-        engine.step_seed(0, 1, step, 0)
+        step_seed(0, 1, step, 0)
         loss, _ = train_step(state, x_train[idx].to(device), y_train[idx].to(device))
         losses.append(loss)
     print(f"[eval-check] trained {train_steps} {train_mode.name} steps in "
@@ -621,7 +592,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--teacher-calls", type=int, default=None,
                         help="timed teacher forwards after each repeat (default: --steps)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: engine.set_cpu_threads, as the training scripts)")
+                        help="torch threads (default: engine.device.set_cpu_threads, as the training scripts)")
     parser.add_argument("--eval-check", action="store_true",
                         help="also compare fp32 vs fast top-1 of briefly trained weights on the CIFAR test split")
     parser.add_argument("--eval-train-steps", type=int, default=200,
@@ -648,14 +619,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     else:
-        engine.set_cpu_threads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_cpu_threads()
+    # One fp32 Accelerator (accelerate's device choice): the bf16 modes enter the autocast
+    # region that accelerate's bf16 mode would enter, around the same step.
+    accelerator = build_accelerator({"mixed_precision": "no"})
+    device = accelerator.device
     config_stem = Path(rest[rest.index("--config") + 1]).stem if "--config" in rest else "defaults"
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
 
     load_before = os.getloadavg()
     result, _ = benchmark(cfg, [MODES[n] for n in names], args.steps, args.repeats, args.warmup,
-                          args.steps if args.teacher_calls is None else args.teacher_calls, device)
+                          args.steps if args.teacher_calls is None else args.teacher_calls, accelerator)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, "
                         f"{torch.backends.cpu.get_cpu_capability()})")
@@ -690,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["compile_math_over_fast_math"] = statistics.median(ratios(modes, "compile_math", "fast_math"))
     if args.eval_check:
         data_path = args.data_path or cfg["data"]["path"] or str(ROOT.parent / "shared" / "data" / "cifar10-jpeg")
-        report["eval_check"] = eval_check(cfg, device, data_path, args.eval_train_steps, args.eval_images)
+        report["eval_check"] = eval_check(cfg, accelerator, data_path, args.eval_train_steps, args.eval_images)
     print_table(report)
     out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"train_step_{config_stem}.json"
     atomic_write_text(out, json.dumps(to_plain(report), indent=2) + "\n")

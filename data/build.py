@@ -1,6 +1,6 @@
 """``build_datasets``: the long-tailed train set and the evaluation set, in the project's labels.
 
-Pipeline (RECIPE section 4):
+Pipeline (docs/recipe.md section 5):
 1. load the source (``data/sources.py``): labels of every row plus lazily opened images;
 2. CIFAR-10/100-LT: restore the original row order where the source is a known permutation,
    then draw the reference's exponential (or step) subset, class by class; the labels are
@@ -22,6 +22,7 @@ from PIL import Image
 from .groups import REFERENCE_RANGES, class_groups
 from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
 from .sources import load_source
+from errors import DataError
 
 DATA_SPEC = {
     "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
@@ -39,7 +40,7 @@ DATA_SPEC = {
                          "image; only for CIFAR-style subsetting (cifar*_lt, generic)", float),
     "subset_seed": (0, "numpy seed of the subset (the reference: 0)"),
     "source_order": ("auto", "CIFAR row order before subsetting: 'auto' restores the original pickle "
-                             "order of the hub copy (RECIPE section 4), 'original' insists on it, "
+                             "order of the hub copy (docs/recipe.md section 5), 'original' insists on it, "
                              "'as_is' uses the rows as stored", ("auto", "original", "as_is")),
     "root": (None, "image root the split files' paths are relative to", str),
     "train_list": (None, "ImageNet-LT / iNat training split file ('relative/path label' lines)", str),
@@ -53,6 +54,8 @@ DATA_SPEC = {
 }
 
 CIFAR = ("cifar10_lt", "cifar100_lt")
+# Classes of each named benchmark, known without loading it (benchmarks, schedule previews).
+BENCHMARK_CLASSES = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}
 
 
 class LongTailDataset(torch.utils.data.Dataset):
@@ -95,15 +98,15 @@ def resolve_data_config(data_cfg: dict) -> dict:
     """``data_cfg`` over DATA_SPEC's defaults, with its values checked; raises ValueError."""
     unknown = set(data_cfg) - set(DATA_SPEC)
     if unknown:
-        raise ValueError(f"unknown data keys: {', '.join(sorted(unknown))}; known: {', '.join(DATA_SPEC)}")
+        raise DataError(f"unknown data keys: {', '.join(sorted(unknown))}; known: {', '.join(DATA_SPEC)}")
     cfg = {key: leaf[0] for key, leaf in DATA_SPEC.items()}
     cfg.update(data_cfg)
     if not 0.0 < float(cfg["imb_factor"]) <= 1.0:
-        raise ValueError(f"data.imb_factor must be in (0, 1] (n_min / n_max), got {cfg['imb_factor']}")
+        raise DataError(f"data.imb_factor must be in (0, 1] (n_min / n_max), got {cfg['imb_factor']}")
     if not 0.0 <= float(cfg["val_holdout"]) < 1.0:
-        raise ValueError(f"data.val_holdout must be in [0, 1), got {cfg['val_holdout']}")
+        raise DataError(f"data.val_holdout must be in [0, 1), got {cfg['val_holdout']}")
     if cfg["dataset"] not in DATA_SPEC["dataset"][2]:
-        raise ValueError(f"data.dataset={cfg['dataset']!r} is not one of {DATA_SPEC['dataset'][2]}")
+        raise DataError(f"data.dataset={cfg['dataset']!r} is not one of {DATA_SPEC['dataset'][2]}")
     return cfg
 
 
@@ -151,7 +154,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
     empty = np.where(counts == 0)[0]
     if len(empty):
         names = ", ".join(f"{c} ({raw.class_names[c]})" for c in empty[:10])
-        raise ValueError(f"{len(empty)} class(es) have no training images{subset_note}: {names}"
+        raise DataError(f"{len(empty)} class(es) have no training images{subset_note}: {names}"
                          f"{' ...' if len(empty) > 10 else ''}")
 
     # ---- 3. class order: CIFAR-LT labels are frequency-sorted by construction
@@ -178,7 +181,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         _log(f"validation: {len(held)} training images held out ({holdout:.0%} of each class)")
     else:
         if raw.val is None:
-            raise ValueError("no evaluation split: set data.val_split / data.val_list, "
+            raise DataError("no evaluation split: set data.val_split / data.val_list, "
                              "or data.val_holdout > 0")
         val_source, val_rows = raw.val.source, np.arange(len(raw.val.labels), dtype=np.int64)
         val_targets = raw.val.labels if class_map is None else np.asarray(class_map)[raw.val.labels]

@@ -1,4 +1,4 @@
-"""Head / mid / tail class groups for the per-group accuracies (RECIPE sections 4 and 5).
+"""Head / mid / tail class groups for the per-group accuracies (docs/recipe.md sections 5 and 6).
 
 The reference defines the groups as class-index ranges on frequency-sorted classes (head =
 [0, c0), mid = [c0, c1), tail = [c1, C)); the literature's count rule (many-shot > 100,
@@ -8,8 +8,9 @@ default so the reported numbers compare with the paper's.
 from __future__ import annotations
 
 from typing import Sequence
+from errors import DataError
 
-# (c0, c1) per benchmark, read from the reference (RECIPE section 4).
+# (c0, c1) per benchmark, read from the reference (docs/recipe.md section 5).
 REFERENCE_RANGES = {
     "cifar10_lt": (3, 7),
     "cifar100_lt": (36, 71),
@@ -33,7 +34,7 @@ def class_groups(dataset_name: str, train_counts: Sequence[int],
         c0, c1 = (min(c, num_classes) for c in REFERENCE_RANGES[dataset_name])
         return {"head": list(range(0, c0)), "mid": list(range(c0, c1)), "tail": list(range(c1, num_classes))}
     if rule not in ("reference", "count"):
-        raise ValueError(f"groups rule must be 'reference' or 'count', got {rule!r}")
+        raise DataError(f"groups rule must be 'reference' or 'count', got {rule!r}")
     groups = {"head": [], "mid": [], "tail": []}
     for c, n in enumerate(train_counts):
         groups["head" if n > MANY_SHOT else "tail" if n < FEW_SHOT else "mid"].append(c)

@@ -4,26 +4,27 @@ Everything here works on label vectors (numpy arrays of ints), never on images, 
 cheap to test against the reference's outputs (``../shared/parity/longtail_subsets.json``).
 
 - ``get_img_num_per_cls`` / ``longtail_indices``: the reference's ``IMBALANCECIFAR10``
-  subset, number for number (RECIPE section 4).
+  subset, number for number (docs/recipe.md section 5).
 - ``resolve_source_order``: the CIFAR-10 hub copy stores the train rows in another order than
   the original pickles, and the subset depends on the row order within each class; this finds
-  (and where possible undoes) that permutation (RECIPE section 4).
+  (and where possible undoes) that permutation (docs/recipe.md section 5).
 - ``frequency_class_map``: ImageNet-LT / iNaturalist classes sorted by training count with an
-  explicit stable tie-break (the reference's unstable argsort is RECIPE section 4's warning).
+  explicit stable tie-break (the reference's unstable argsort is docs/recipe.md section 5's warning).
 - ``holdout_split``: an optional per-class validation split carved out of the LT training set
-  (RECIPE section 5: the reference selects its best checkpoint on the test set).
+  (docs/recipe.md section 6: the reference selects its best checkpoint on the test set).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+from errors import DataError
 
 # First ten labels of the original training pickles (CIFAR-10 data_batch_1, CIFAR-100 train).
 CIFAR10_FIRST_TEN = (6, 9, 9, 4, 1, 1, 2, 7, 8, 3)
 CIFAR100_FIRST_TEN = (19, 29, 0, 11, 1, 86, 90, 28, 23, 31)
 # Hub copy uoft-cs/cifar10: its 10,000-row block k probably holds original data_batch_{b}
-# for b = HUB_CIFAR10_BATCHES[k] (RECIPE section 4). Only the position of batch 1 can be
+# for b = HUB_CIFAR10_BATCHES[k] (docs/recipe.md section 5). Only the position of batch 1 can be
 # verified from labels (its first ten labels are known); the others follow the same guess.
 HUB_CIFAR10_BATCHES = (4, 3, 2, 5, 1)
 
@@ -35,7 +36,7 @@ def get_img_num_per_cls(n_max: float, num_classes: int, imb_type: str, imb_facto
     ``C // 2`` classes keep ``n_max``, the rest ``int(n_max * imb_factor)``.
     """
     if not 0.0 < imb_factor <= 1.0:
-        raise ValueError(f"imb_factor must be in (0, 1] (n_min / n_max), got {imb_factor}")
+        raise DataError(f"imb_factor must be in (0, 1] (n_min / n_max), got {imb_factor}")
     if imb_type == "exp":
         if num_classes == 1:
             return [int(n_max)]
@@ -43,7 +44,7 @@ def get_img_num_per_cls(n_max: float, num_classes: int, imb_type: str, imb_facto
     if imb_type == "step":
         half = num_classes // 2
         return [int(n_max)] * half + [int(n_max * imb_factor)] * (num_classes - half)
-    raise ValueError(f"imb_type must be 'exp' or 'step', got {imb_type!r}")
+    raise DataError(f"imb_type must be 'exp' or 'step', got {imb_type!r}")
 
 
 def longtail_indices(labels: Sequence[int], num_classes: int, imb_type: str, imb_factor: float,
@@ -83,12 +84,12 @@ def resolve_source_order(labels: Sequence[int], dataset: str, mode: str) -> tupl
     ``perm`` maps positions in the original pickle order to source rows (None: use the rows
     as they are). ``mode``: ``as_is`` never reorders; ``auto`` keeps a source whose first ten
     labels match the original pickles, restores the hub's CIFAR-10 block order (4, 3, 2, 5, 1),
-    accepts a class-grouped copy (only the within-class order matters, RECIPE section 4) and
+    accepts a class-grouped copy (only the within-class order matters, docs/recipe.md section 5) and
     otherwise warns that the subset will differ from the reference; ``original`` does the
     same but raises instead of warning. The note says which case applied.
     """
     if mode not in ("auto", "original", "as_is"):
-        raise ValueError(f"source_order must be 'auto', 'original' or 'as_is', got {mode!r}")
+        raise DataError(f"source_order must be 'auto', 'original' or 'as_is', got {mode!r}")
     if mode == "as_is":
         return None, "source order: rows used as they are (data.source_order=as_is)"
     labels = np.asarray(labels)
@@ -109,7 +110,7 @@ def resolve_source_order(labels: Sequence[int], dataset: str, mode: str) -> tupl
                f"{list(signature)}) nor in a known permutation of it (found "
                f"{labels[:10].tolist()})")
     if mode == "original":
-        raise ValueError(f"data.source_order=original: {problem}; use source_order=as_is to "
+        raise DataError(f"data.source_order=original: {problem}; use source_order=as_is to "
                          f"subset these rows anyway")
     return None, f"WARNING: {problem}: rows used as they are, the subset will differ from the reference's"
 
@@ -135,7 +136,7 @@ def holdout_split(targets: Sequence[int], num_classes: int, fraction: float,
     training. A separate generator from the subset's, so the LT subset itself is unchanged.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_holdout must be in [0, 1), got {fraction}")
+        raise DataError(f"val_holdout must be in [0, 1), got {fraction}")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     keep, held = [], []

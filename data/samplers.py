@@ -4,7 +4,7 @@
 strided across ranks so every rank sees a different augmentation of the same image; epoch
 length rounded down to a multiple of 256 over all ranks) with two deliberate changes:
 - the order depends on ``seed + epoch`` and the training script must call ``set_epoch`` every
-  epoch, also on one process (RECIPE section 6, bug 1: the reference's non-distributed runs
+  epoch, also on one process (docs/recipe.md section 7, bug 1: the reference's non-distributed runs
   skip ``set_epoch`` and replay epoch 0's order forever);
 - a dataset of fewer than 256 images would give an empty epoch; it uses
   ``ceil(len / num_replicas)`` samples per rank instead, so tiny test sets still train.
@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler, Sampler
+from errors import DataError
 
 
 class RASampler(Sampler[int]):
@@ -24,9 +25,9 @@ class RASampler(Sampler[int]):
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  num_repeats: int = 3, seed: int = 0):
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+            raise DataError(f"rank {rank} is outside [0, {num_replicas})")
         if num_repeats < 1:
-            raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+            raise DataError(f"num_repeats must be >= 1, got {num_repeats}")
         self.dataset = dataset
         self.num_replicas = num_replicas
         self.rank = rank

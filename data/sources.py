@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from errors import DataError
 
 HUB_NAMES = {"cifar10_lt": "uoft-cs/cifar10", "cifar100_lt": "uoft-cs/cifar100"}
 IMAGE_COLUMNS = {"cifar10_lt": "img", "cifar100_lt": "img"}  # others: "image"
@@ -30,7 +31,7 @@ LABEL_COLUMNS = {"cifar100_lt": "fine_label"}  # others: "label"
 
 
 def open_rgb(fp: Any, what: str) -> Image.Image:
-    """Open an image file or file object as RGB (RECIPE section 4: ``convert('RGB')``).
+    """Open an image file or file object as RGB (docs/recipe.md section 5: ``convert('RGB')``).
 
     Grayscale, RGBA and palette images are converted. A missing or unreadable image raises an
     error that names ``what`` (the file path or the split and row), not a bare PIL error.
@@ -46,7 +47,7 @@ def open_rgb(fp: Any, what: str) -> Image.Image:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image not found: {what}") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
 
 
 class HFImageSource:
@@ -74,14 +75,14 @@ class HFImageSource:
                 return open_rgb(io.BytesIO(value["bytes"]), what + name)
             if value.get("path"):
                 return open_rgb(value["path"], f"{value['path']} ({what})")
-            raise ValueError(f"cannot read image {what}: neither bytes nor a path stored")
+            raise DataError(f"cannot read image {what}: neither bytes nor a path stored")
         if isinstance(value, (bytes, bytearray)):
             return open_rgb(io.BytesIO(value), what)
         if isinstance(value, str):
             return open_rgb(value, f"{value} ({what})")
         if isinstance(value, Image.Image):
             return value.convert("RGB")
-        raise ValueError(f"cannot read image {what}: unsupported value of type {type(value).__name__}")
+        raise DataError(f"cannot read image {what}: unsupported value of type {type(value).__name__}")
 
 
 class FileListSource:
@@ -132,15 +133,15 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 continue
             parts = text.rsplit(None, 1)  # the label is the last field; paths may hold spaces
             if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'relative/path label', got {text!r}")
+                raise DataError(f"{path}:{lineno}: expected 'relative/path label', got {text!r}")
             try:
                 label = int(parts[1])
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: the label {parts[1]!r} is not an integer") from None
+                raise DataError(f"{path}:{lineno}: the label {parts[1]!r} is not an integer") from None
             paths.append(parts[0])
             labels.append(label)
     if not paths:
-        raise ValueError(f"split file {path} lists no images")
+        raise DataError(f"split file {path} lists no images")
     return paths, np.asarray(labels, dtype=np.int64)
 
 
@@ -161,9 +162,9 @@ def _names_from_paths(paths: list[str], labels: np.ndarray, num_classes: int) ->
 def load_split_files(cfg: dict) -> RawSource:
     """ImageNet-LT / iNaturalist style: ``train_list`` (+ ``val_list``) under ``root``."""
     if cfg.get("path") is not None:
-        raise ValueError("set either data.path or data.train_list (split files under data.root), not both")
+        raise DataError("set either data.path or data.train_list (split files under data.root), not both")
     if cfg.get("root") is None:
-        raise ValueError("data.train_list needs data.root, the folder the listed paths are relative to")
+        raise DataError("data.train_list needs data.root, the folder the listed paths are relative to")
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root is not a folder: {root}")
@@ -177,7 +178,7 @@ def load_split_files(cfg: dict) -> RawSource:
     for key, (list_file, paths, labels) in splits.items():
         bad = np.where((labels < 0) | (labels >= num_classes))[0]
         if len(bad):
-            raise ValueError(f"{list_file}: {paths[bad[0]]} has label {labels[bad[0]]}, outside the "
+            raise DataError(f"{list_file}: {paths[bad[0]]} has label {labels[bad[0]]}, outside the "
                              f"class range 0..{num_classes - 1} of {cfg['train_list']}")
         # One stat per split catches a wrong root before training starts; a missing file
         # further down is reported by __getitem__ with its path.
@@ -200,7 +201,7 @@ def _load_dataset_dict(cfg: dict) -> tuple[dict, str]:
     if path is None:
         name = cfg.get("hub_name") or HUB_NAMES.get(cfg["dataset"])
         if name is None:
-            raise ValueError(f"data.dataset={cfg['dataset']} has no hub copy: set data.path (a local "
+            raise DataError(f"data.dataset={cfg['dataset']} has no hub copy: set data.path (a local "
                              f"dataset) or data.train_list + data.root (split files)")
         try:
             return dict(datasets.load_dataset(name)), f"hub dataset {name}"
@@ -212,7 +213,7 @@ def _load_dataset_dict(cfg: dict) -> tuple[dict, str]:
         raise FileNotFoundError(f"data.path does not exist: {p}")
     if p.is_file():
         if p.suffix != ".parquet":
-            raise ValueError(f"data.path {p} is a file but not .parquet; give a parquet file, "
+            raise DataError(f"data.path {p} is a file but not .parquet; give a parquet file, "
                              f"a folder datasets.load_dataset reads, or a save_to_disk folder")
         ds = datasets.load_dataset("parquet", data_files={"train": str(p)})
         return dict(ds), f"parquet file {p} (as the train split)"
@@ -243,13 +244,13 @@ def load_hf(cfg: dict) -> RawSource:
     wanted = [cfg["train_split"]] + ([cfg["val_split"]] if cfg.get("val_holdout", 0.0) == 0 else [])
     for split in wanted:
         if split not in splits:
-            raise ValueError(f"split {split!r} not found in {description}; available splits: "
+            raise DataError(f"split {split!r} not found in {description}; available splits: "
                              f"{', '.join(splits)} (set data.train_split / data.val_split, or "
                              f"data.val_holdout > 0 to hold out part of the training set)")
     train = splits[cfg["train_split"]]
     for key, column in (("image_column", image_column), ("label_column", label_column)):
         if column not in train.column_names:
-            raise ValueError(f"data.{key}={column!r} is not a column of {description}; available "
+            raise DataError(f"data.{key}={column!r} is not a column of {description}; available "
                              f"columns: {', '.join(train.column_names)}")
 
     feature = train.features[label_column]
@@ -269,12 +270,12 @@ def load_hf(cfg: dict) -> RawSource:
     def make_split(name: str, values: list) -> RawSplit:
         ds = splits[name]
         if image_column not in ds.column_names or label_column not in ds.column_names:
-            raise ValueError(f"split {name!r} of {description} lacks column {image_column!r} or "
+            raise DataError(f"split {name!r} of {description} lacks column {image_column!r} or "
                              f"{label_column!r}; available: {', '.join(ds.column_names)}")
         labels = np.asarray(to_index(values) if to_index else values, dtype=np.int64)
         bad = np.where((labels < 0) | (labels >= len(class_names)))[0]
         if len(bad):
-            raise ValueError(f"split {name!r} of {description}: row {bad[0]} has label "
+            raise DataError(f"split {name!r} of {description}: row {bad[0]} has label "
                              f"{values[bad[0]]!r}, outside the {len(class_names)} training classes")
         return RawSplit(HFImageSource(ds, image_column, name), labels,
                         f"{description}, split {name!r} ({len(ds)} rows)")

@@ -1,4 +1,4 @@
-"""Image transforms (RECIPE section 2) and the ``aug`` config section.
+"""Image transforms (docs/recipe.md section 2) and the ``aug`` config section.
 
 Training, ``train_crop='rrc'``: exactly the reference's timm ``create_transform`` call
 (RandomResizedCrop 0.08-1, flip, RandAugment, ToTensor, Normalize, RandomErasing; colour
@@ -15,6 +15,7 @@ from typing import Callable
 from torchvision import transforms
 
 from utils import Nullable
+from errors import DataError
 
 AUG_SPEC = {
     "train_crop": ("rrc", "training crop: 'rrc' = RandomResizedCrop(scale 0.08-1) as timm create_transform "
@@ -53,7 +54,7 @@ def _aa_policy(aa) -> str | None:
     if aa is None or (isinstance(aa, str) and aa.strip().lower() in ("", "none")):
         return None
     if not isinstance(aa, str):
-        raise ValueError(f"aug.aa must be a timm auto-augment string or null, got {aa!r}")
+        raise DataError(f"aug.aa must be a timm auto-augment string or null, got {aa!r}")
     return aa
 
 
@@ -68,7 +69,7 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
         # DeiT: size = int(input_size / eval_crop_ratio); Resize(size, interpolation=3 (bicubic)).
         ratio = float(aug_cfg["eval_crop_ratio"])
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"aug.eval_crop_ratio must be in (0, 1], got {ratio}")
+            raise DataError(f"aug.eval_crop_ratio must be in (0, 1], got {ratio}")
         return transforms.Compose([
             transforms.Resize(int(input_size / ratio), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(input_size),
@@ -76,7 +77,7 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
             transforms.Normalize(mean, std),
         ])
 
-    # The reference's call (DeiT datasets.build_transform), RECIPE section 2.
+    # The reference's call (DeiT datasets.build_transform), docs/recipe.md section 2.
     transform = create_transform(
         input_size=input_size,
         is_training=True,
@@ -98,5 +99,5 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
         assert isinstance(transform.transforms[0], RandomResizedCropAndInterpolation)
         transform.transforms[0] = transforms.RandomCrop(input_size, padding=4)
     elif aug_cfg["train_crop"] != "rrc":
-        raise ValueError(f"aug.train_crop must be 'rrc' or 'pad_crop', got {aug_cfg['train_crop']!r}")
+        raise DataError(f"aug.train_crop must be 'rrc' or 'pad_crop', got {aug_cfg['train_crop']!r}")
     return transform

@@ -1,4 +1,4 @@
-"""DeiT-LT's loss: CLS head on the ground truth, DIST head on the teacher (RECIPE sections 1-2).
+"""DeiT-LT's loss: CLS head on the ground truth, DIST head on the teacher (docs/recipe.md sections 1-2).
 
 ``loss = (1 - alpha) * base(cls_logits, targets) + alpha * distill(dist_logits, teacher)``,
 the reference's ``DistillationLoss`` (DeiT's, extended by DeiT-LT):
@@ -8,8 +8,8 @@ the reference's ``DistillationLoss`` (DeiT's, extended by DeiT-LT):
   weighted mean (divide by the sum of the batch's weights), which makes DIST the tail expert.
 * ``soft``: DeiT's ``KL(log_softmax(dist/T) || log_softmax(teacher/T))``, summed, times T^2,
   divided by the number of logits. The reference's weighted variant multiplies
-  log-probabilities by the weights and renormalises them (not a distribution: a known bug,
-  parity/README.md), so weighted soft distillation is refused here.
+  log-probabilities by the weights and renormalises them (not a distribution: a known bug
+  of the reference, docs/recipe.md section 7), so weighted soft distillation is refused here.
 * ``none``: no teacher; the DIST head learns the ground truth with the base criterion, or a
   class-weighted CE when ``class_weights`` is given (the reference's ``weighted`` case).
 
@@ -50,9 +50,9 @@ def check_class_map(class_map: Sequence[int], num_classes: int | None = None) ->
 def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
                        teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                        base_criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       distillation_type: str, alpha: float, tau: float,
+                       distillation_type: str, alpha: float, tau: float, *,
                        class_weights: torch.Tensor | None = None,
-                       class_map: Sequence[int] | None = None
+                       class_map: Sequence[int] | torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, (1-alpha) * base, alpha * distillation) for one batch; a pure function.
 
@@ -60,8 +60,9 @@ def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
     (``CrossEntropyLoss``, the no-mixup DRW phase). ``class_weights`` re-weight the DIST term
     only (never the base term, as in the reference's CIFAR recipe). ``class_map`` maps a
     teacher trained on original labels into the student's frequency-sorted label space.
+    The settings are not validated here (this runs every step): ``DistillationLoss`` checks
+    them once, and ``check_distillation_settings`` / ``check_class_map`` are there for callers.
     """
-    check_distillation_settings(distillation_type, alpha, tau)
     cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
     if targets.is_floating_point():
         targets = targets.float()
@@ -78,8 +79,7 @@ def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
             raise ValueError(f"{distillation_type} distillation needs the teacher's logits")
         teacher_logits = teacher_logits.float()
         if class_map is not None:
-            class_map = torch.as_tensor(check_class_map(class_map, teacher_logits.shape[1]),
-                                        device=teacher_logits.device)
+            class_map = torch.as_tensor(class_map, device=teacher_logits.device)
         if distillation_type == "hard":
             teacher_labels = teacher_logits.argmax(dim=1)
             if class_map is not None:
@@ -88,7 +88,8 @@ def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
         else:
             if weight is not None:
                 raise ValueError("class-weighted soft distillation is not supported: the reference's "
-                                 "variant is a known bug (parity/README.md); use hard distillation with DRW")
+                                 "variant is a known bug (docs/recipe.md section 7); use hard "
+                                 "distillation with DRW")
             if class_map is not None:  # column j of the teacher is student class class_map[j]
                 permuted = torch.empty_like(teacher_logits)
                 permuted[:, class_map] = teacher_logits
@@ -124,7 +125,9 @@ class DistillationLoss(nn.Module):
         if isinstance(teacher_input_size, int):
             teacher_input_size = (teacher_input_size, teacher_input_size)
         self.teacher_input_size = None if teacher_input_size is None else tuple(teacher_input_size)
-        self.class_map = None if class_map is None else check_class_map(class_map)
+        # A buffer: moved to the device with the loss, not copied there every step.
+        self.register_buffer("class_map", None if class_map is None else
+                             torch.tensor(check_class_map(class_map), dtype=torch.long), persistent=False)
         self.teacher = teacher
         if teacher is not None:
             # Never trained here: frozen, eval mode (BN running stats, no dropout), and
@@ -146,19 +149,20 @@ class DistillationLoss(nn.Module):
             self.teacher.eval()
         x = inputs
         if self.teacher_input_size is not None and tuple(x.shape[-2:]) != self.teacher_input_size:
-            # RECIPE section 2 'teacher input': the reference uses F.interpolate, whose
+            # docs/recipe.md section 2, 'teacher input': the reference uses F.interpolate, whose
             # antialias=False differs by up to 3.9 (normalised units) from torchvision's
             # Resize default (antialias=True since 0.17) when shrinking 224 -> 32.
             x = F.interpolate(x, size=self.teacher_input_size, mode="bicubic",
                               align_corners=False, antialias=False)
         return self.teacher(x.contiguous(memory_format=torch.channels_last))
 
-    def forward(self, inputs: torch.Tensor, outputs: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, inputs: torch.Tensor, outputs: dict[str, torch.Tensor],
                 targets: torch.Tensor, class_weights: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cls_logits, dist_logits = outputs
+        """``outputs``: the student's heads by name (``DistilledStudent.forward``)."""
         teacher_logits = None if self.distillation_type == "none" else self.teacher_logits(inputs)
         loss, base_term, distill_term = distillation_terms(
-            cls_logits, dist_logits, teacher_logits, targets, self.base_criterion,
-            self.distillation_type, self.alpha, self.tau, class_weights, self.class_map)
+            outputs["cls"], outputs["dist"], teacher_logits, targets, self.base_criterion,
+            self.distillation_type, self.alpha, self.tau, class_weights=class_weights,
+            class_map=self.class_map)
         return loss, {"base": base_term, "distill": distill_term}

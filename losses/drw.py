@@ -3,7 +3,7 @@
 ``w_c = (1 - beta) / (1 - beta^n_c)``, normalised to sum to the number of classes, computed
 in float64 like the reference (LDAM-DRW and DeiT-LT ``main.py``) and returned as float32.
 DeiT-LT applies them to the distillation CE from the DRW epoch on, indexed by the teacher's
-predicted class (RECIPE section 2); LDAM-DRW applies them to the teacher's LDAM loss.
+predicted class (docs/recipe.md section 2); LDAM-DRW applies them to the teacher's LDAM loss.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def class_balanced_weights(cls_num_list: Sequence[int], beta: float = 0.9999) ->
 
 
 def drw_weights(cls_num_list: Sequence[int], epoch: int, drw_epoch: int | None,
-                beta: float = 0.9999) -> torch.Tensor:
-    """All ones before ``drw_epoch`` (0-based, as the reference's ``epoch >= args.drw``),
-    effective-number weights from then on; ``drw_epoch=None`` never re-weights."""
+                beta: float = 0.9999) -> torch.Tensor | None:
+    """The DRW rule of both training scripts: None (no re-weighting) before ``drw_epoch``
+    (0-based, as the reference's ``epoch >= args.drw``), effective-number weights from then
+    on; ``drw_epoch=None`` never re-weights."""
     if drw_epoch is None or epoch < drw_epoch:
-        return torch.ones(len(cls_num_list), dtype=torch.float32)
+        return None
     return class_balanced_weights(cls_num_list, beta)

@@ -1,4 +1,4 @@
-"""LDAM loss (Cao et al., NeurIPS 2019), the CIFAR/ImageNet-LT teacher loss (RECIPE section 3).
+"""LDAM loss (Cao et al., NeurIPS 2019), the CIFAR/ImageNet-LT teacher loss (docs/recipe.md section 4).
 
 Label-distribution-aware margin: the true-class logit is lowered by ``m_c ~ n_c^(-1/4)``
 (scaled so the largest margin is ``max_m``), logits are multiplied by ``s``, then cross-entropy

@@ -16,7 +16,7 @@ where the softmax denominator is ``sum_c exp(z_i,c) + gamma * sum_{j != i} exp(q
 The loss is the mean over the B queries. Matches the published ``PaCoLoss`` (supt = 1, no label
 smoothing), computed with a log-sum-exp instead of max-subtraction plus ``log(sum + 1e-12)``.
 
-Hyper-parameters (RECIPE section 3 / the published scripts):
+Hyper-parameters (docs/recipe.md section 4 / the published scripts):
 
 * ``alpha``: weight of each same-class sample as a positive. Small, so the class centre keeps
   most of the pull (0.01 CIFAR-LT, 0.05 ImageNet-LT / iNat).

@@ -1,4 +1,4 @@
-"""Sharpness-aware minimisation (Foret et al., ICLR 2021) for the "flat" teachers (RECIPE section 3).
+"""Sharpness-aware minimisation (Foret et al., ICLR 2021) for the "flat" teachers (docs/recipe.md section 4).
 
 DeiT-LT trains its teachers with SAM: a flat teacher gives low-rank, generalisable DIST
 features (paper, section 4). Two forward/backward passes per step:
@@ -63,9 +63,20 @@ class SAM(torch.optim.Optimizer):
         return torch.stack([n.to(device) for n in norms]).norm(p=2)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to the worst point nearby: ``w += rho * g / (||g|| + 1e-12)`` (ASAM-scaled if adaptive)."""
+    def first_step(self, zero_grad: bool = False, skip_non_finite: bool = False) -> bool:
+        """Move to the worst point nearby: ``w += rho * g / (||g|| + 1e-12)`` (ASAM-scaled if adaptive).
+
+        The direction ``g / ||g||`` does not depend on a loss scale, so under fp16 loss scaling
+        the (still scaled) gradients can be used as they are. ``skip_non_finite=True`` (fp16:
+        an overflowed scaled gradient) checks the norm first, one host sync: when it is not
+        finite nothing moves and False is returned, and the caller skips the update as a
+        GradScaler does. Returns True when the weights were perturbed.
+        """
         grad_norm = self._grad_norm()
+        if skip_non_finite and not bool(torch.isfinite(grad_norm)):
+            if zero_grad:
+                self.zero_grad()
+            return False
         self._backup = {}
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + 1e-12)
@@ -77,27 +88,41 @@ class SAM(torch.optim.Optimizer):
                 p.add_(e_w)
         if zero_grad:
             self.zero_grad()
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights ``first_step`` perturbed (the gradients stay)."""
+        if not self._backup:
+            raise RuntimeError("SAM.restore called without a preceding first_step")
+        for p, original in self._backup.items():
+            p.copy_(original)
+        self._backup = {}
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` and step the base optimizer with the gradient taken at ``w + e(w)``."""
-        if not self._backup:
-            raise RuntimeError("SAM.second_step called without a preceding first_step")
-        for p, original in self._backup.items():
-            p.copy_(original)
-        self._backup = {}
+        self.restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """Closure form: ``closure()`` computes the loss and calls ``backward()``.
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Closure form: ``closure()`` computes the loss and calls ``backward()``; runs it at
+        ``w`` and at ``w + e(w)`` (gradients cleared before each), returns the loss at ``w``.
 
-        Runs the closure at ``w`` and at ``w + e(w)`` (gradients cleared before each) and
-        returns the loss at ``w``.
+        Without a closure: the base optimizer's step with the current gradients, for a loop
+        that ran ``first_step``, the perturbed pass and ``restore`` itself. This is the form a
+        GradScaler (``scaler.step(optimizer)``, accelerate's optimizer wrapper) calls: it
+        unscales the perturbed pass's gradients, skips the step when they overflowed, and
+        updates the scale.
         """
         if closure is None:
-            raise RuntimeError("SAM.step needs a closure (or call first_step/second_step yourself)")
+            if self._backup:
+                raise RuntimeError("SAM.step() without a closure: call restore() after the "
+                                   "perturbed pass first")
+            self.base_optimizer.step()
+            return None
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
@@ -121,7 +146,7 @@ class SAM(torch.optim.Optimizer):
 def rho_for_epoch(schedule: Sequence[Sequence[float]], epoch: int) -> float:
     """Piecewise-constant rho: the last ``[start_epoch, rho]`` pair with start <= epoch.
 
-    ImageNet-LT/iNat recipe (RECIPE section 3, epochs 0-based): ``[[0, 0.05], [5, 0.1], [60, 0.5]]``.
+    ImageNet-LT/iNat recipe (docs/recipe.md section 4, epochs 0-based): ``[[0, 0.05], [5, 0.1], [60, 0.5]]``.
     """
     pairs = sorted((int(start), float(rho)) for start, rho in schedule)
     if not pairs or pairs[0][0] > epoch:

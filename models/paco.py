@@ -1,6 +1,6 @@
 """PaCo (Parametric Contrastive Learning, Cui et al., ICCV 2021): the MoCo-style model.
 
-DeiT-LT's released CNN teachers are PaCo models trained with SAM (RECIPE section 3); no public
+DeiT-LT's released CNN teachers are PaCo models trained with SAM (docs/recipe.md section 4); no public
 code trains PaCo + SAM, so this module rebuilds PaCo's model in a form a SAM loop can drive.
 
 Layout (identical state_dict keys to the published PaCo ``moco.builder.MoCo`` for long-tailed
@@ -44,12 +44,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.safe_load import strip_prefix
+from models.teacher import build_teacher, classifier_name, classifier_name_of
+
 __all__ = [
     "PaCoModel",
     "PaCoOutput",
     "build_paco",
     "concat_all_gather",
     "paco_to_teacher_state_dict",
+    "split_paco_state_dict",
 ]
 
 
@@ -95,19 +99,6 @@ def _detach_classifier(backbone: nn.Module) -> None:
             setattr(backbone, name, nn.Identity())
             return
     # No known classifier: assume a classifier-free backbone (strict loads catch the rest).
-
-
-def _classifier_name(model: nn.Module) -> str:
-    """Dotted name of a teacher's classifier module (``linear``, ``fc``, ``head.fc``, ...)."""
-    if hasattr(model, "get_classifier"):
-        clf = model.get_classifier()
-        for name, module in model.named_modules():
-            if module is clf and name:
-                return name
-    for name in ("linear", "fc"):
-        if isinstance(getattr(model, name, None), nn.Linear):
-            return name
-    raise ValueError(f"cannot find the classifier of {type(model).__name__}")
 
 
 class _Pooler:
@@ -349,7 +340,7 @@ def _feat_dim_of(backbone: nn.Module) -> int:
         value = getattr(backbone, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    clf = backbone.get_submodule(_classifier_name(backbone))
+    clf = backbone.get_submodule(classifier_name(backbone))
     return int(clf.in_features)
 
 
@@ -360,8 +351,6 @@ def build_paco(arch: str, num_classes: int, dim: int = 128, K: int = 8192, m: fl
     CIFAR recipe: ``build_paco('resnet32', C, dim=32, K=1024)``; ImageNet-LT / iNat:
     ``build_paco('resnet50', C, dim=128, K=8192)``; any timm CNN name also works.
     """
-    from models.teacher import build_teacher
-
     # PaCoModel calls backbone_fn once (the key encoder is a copy), so the backbone built
     # here to read the feature width is the one that gets used.
     backbone = build_teacher(arch, num_classes, head="linear")
@@ -369,25 +358,34 @@ def build_paco(arch: str, num_classes: int, dim: int = 128, K: int = 8192, m: fl
     return PaCoModel(lambda: backbone, feat_dim, num_classes, dim=dim, K=K, m=m, mlp=mlp, mlp_bn=mlp_bn)
 
 
+def split_paco_state_dict(state_dict: dict) -> tuple[dict, dict, list[str]]:
+    """(query backbone, classifier ``linear``, dropped keys) of a PaCo state_dict.
+
+    Only ``linear(pool(encoder_q backbone))`` produces the logits at evaluation, so the
+    projection ``encoder_q.fc.*``, the key encoder, ``linear_k`` and the queues are dropped
+    (and named). A DDP ``module.`` prefix is accepted.
+    """
+    backbone, classifier, dropped = {}, {}, []
+    for key, value in strip_prefix(state_dict).items():
+        if key.startswith("encoder_q.") and not key.startswith("encoder_q.fc."):
+            backbone[key[len("encoder_q."):]] = value
+        elif key.startswith("linear."):
+            classifier[key[len("linear."):]] = value
+        else:  # encoder_q.fc.* (projection), encoder_k.*, linear_k.*, queue, queue_l, queue_ptr
+            dropped.append(key)
+    return backbone, classifier, dropped
+
+
 def paco_to_teacher_state_dict(paco_state_dict: dict, arch: str) -> dict:
-    """Plain teacher state_dict from a PaCo one: ``encoder_q`` backbone (no ``fc.*`` projection)
-    plus ``linear`` as the teacher's classifier (``linear`` for resnet32, ``fc`` for resnet50,
-    the timm classifier name otherwise). A DDP ``module.`` prefix is accepted.
+    """Plain teacher state_dict from a PaCo one: the ``encoder_q`` backbone plus ``linear``
+    as the teacher's classifier (``linear`` for resnet32, ``fc`` for resnet50, the timm
+    classifier name otherwise).
 
     The result loads strictly into ``build_teacher(arch, C, head='linear')`` and gives the same
     logits as the PaCo model in eval mode.
     """
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in paco_state_dict.items()}
-    if "linear.weight" not in sd:
+    backbone, classifier, _ = split_paco_state_dict(paco_state_dict)
+    if "weight" not in classifier:
         raise KeyError("not a PaCo state_dict: no `linear.weight`")
-    out = {k[len("encoder_q."):]: v for k, v in sd.items()
-           if k.startswith("encoder_q.") and not k.startswith("encoder_q.fc.")}
-    if arch in ("resnet32", "resnet50"):
-        clf = "linear" if arch == "resnet32" else "fc"  # resnet_cifar / torchvision layouts
-    else:
-        from models.teacher import build_teacher
-
-        clf = _classifier_name(build_teacher(arch, sd["linear.weight"].shape[0], head="linear"))
-    out[f"{clf}.weight"] = sd["linear.weight"]
-    out[f"{clf}.bias"] = sd["linear.bias"]
-    return out
+    clf = classifier_name_of(arch)
+    return {**backbone, **{f"{clf}.{k}": v for k, v in classifier.items()}}

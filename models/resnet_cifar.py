@@ -1,4 +1,4 @@
-"""ResNet-32 for 32x32 inputs, the CIFAR-LT teacher of DeiT-LT (RECIPE section 3).
+"""ResNet-32 for 32x32 inputs, the CIFAR-LT teacher of DeiT-LT (docs/recipe.md section 4).
 
 Same layers, parameter names and initialisation as the reference teachers (Y. Idelbayev's
 CIFAR ResNet as used by LDAM-DRW and the DeiT-LT repository): 3 stages x 5 BasicBlocks with

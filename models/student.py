@@ -1,9 +1,9 @@
-"""The DeiT-LT student: timm's ``VisionTransformerDistilled`` with any size (RECIPE section 2).
+"""The DeiT-LT student: timm's ``VisionTransformerDistilled`` with any size (docs/recipe.md section 2).
 
 The architecture is one plain dict (``student_arch``), resolved from a timm-style name
 ``deit_{tiny,small,base}_distilled_patch{p}_{res}`` plus explicit overrides, stored in every
 checkpoint and passed back to ``build_student`` to rebuild the model. This lifts the
-reference's hard-wired 224/16/768 patch embedding (RECIPE bug 6): a patch-4, 32x32, depth-6
+reference's hard-wired 224/16/768 patch embedding (docs/recipe.md, reference bug 6): a patch-4, 32x32, depth-6
 student for CPU runs is the same code path as DeiT-B on 224x224.
 
 The model is timm's own class, so its state_dict keys equal timm's and the reference's
@@ -80,20 +80,41 @@ def student_arch(name: str, num_classes: int, img_size: int | None = None,
 
 
 class DistilledStudent(VisionTransformerDistilled):
-    """timm's ``VisionTransformerDistilled`` whose ``forward`` always returns both heads.
+    """timm's ``VisionTransformerDistilled`` with the project's head contract.
 
-    timm returns the average of the heads unless ``distilled_training`` is set and the model
-    is training. Returning ``(cls_logits, dist_logits)`` in every mode keeps the training
-    script and evaluation independent of that flag, and lets ``student_logits`` go through
-    ``model(x)``, which a DDP/FSDP wrapper (accelerate) needs to synchronise gradients.
+    **The head contract** (the one place to change for a head ablation):
+
+    - ``forward(x)`` returns the heads' logits by name, ``{"cls": ..., "dist": ...}``, in
+      train and eval mode alike (timm returns the mean of the heads in eval mode unless
+      ``distilled_training`` is set). The training loss reads the heads by name, and the
+      call goes through ``model(x)``, which a DDP/FSDP wrapper needs to synchronise gradients.
+    - ``HEADS`` maps each head to its prefix token (position in the token sequence) and
+      ``head_modules()`` to its classifier; ``analysis.py`` and ``evaluate.py`` read both.
+    - ``combine(heads)`` turns the heads' logits into the reported prediction,
+      ``PREDICTION`` ("avg"): the mean of the logits, as the reference (docs/recipe.md
+      section 2, "inference"). A weighted or learned combination is an edit of this method
+      (a learned weight: an ``nn.Parameter`` made in ``__init__``); the training scripts,
+      ``evaluate.py``, ``analysis.py`` and the benchmark all call it through
+      ``student_outputs``.
+
     Parameters and state_dict keys are timm's, untouched.
     """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    HEADS = {"cls": 0, "dist": 1}  # head name -> index of its prefix token
+    PREDICTION = "avg"
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"cls": self.head, "dist": self.head_dist}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.forward_features(x)
         # head_drop is timm's dropout before the heads (drop_rate, 0 in DeiT).
-        cls_token, dist_token = self.head_drop(tokens[:, 0]), self.head_drop(tokens[:, 1])
-        return self.head(cls_token), self.head_dist(dist_token)
+        return {name: head(self.head_drop(tokens[:, self.HEADS[name]]))
+                for name, head in self.head_modules().items()}
+
+    def combine(self, heads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reported prediction from the heads' logits: their mean."""
+        return (heads["cls"] + heads["dist"]) / 2
 
 
 def build_student(arch: dict, drop_path_rate: float = 0.0,
@@ -125,15 +146,29 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> None:
         block.attn.fused_attn = bool(enabled)
 
 
-def student_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cls_logits, dist_logits) in train and eval mode alike.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / FSDP1 (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
-    ``model`` is a ``DistilledStudent``, possibly wrapped (DDP, torch.compile): the call goes
-    through ``model(x)`` so the wrapper's hooks run. A plain timm ``VisionTransformerDistilled``
-    (not built here) is handled by calling its two heads on ``forward_features``.
+
+def output_names(model: nn.Module) -> list[str]:
+    """What ``student_outputs`` returns, in report order: the heads, then the prediction."""
+    inner = unwrap(model)
+    return [*inner.HEADS, inner.PREDICTION]
+
+
+def student_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The heads' logits and the reported prediction, ``{"cls", "dist", "avg"}``.
+
+    ``model`` is a ``DistilledStudent``, possibly wrapped (DDP, FSDP, torch.compile): the
+    forward goes through ``model(x)`` so the wrapper's hooks run, the combination through
+    the student's own ``combine``.
     """
-    inner = getattr(model, "module", model)
-    if isinstance(inner, VisionTransformerDistilled) and not isinstance(inner, DistilledStudent):
-        tokens = inner.forward_features(x)
-        return inner.head(inner.head_drop(tokens[:, 0])), inner.head_dist(inner.head_drop(tokens[:, 1]))
-    return model(x)
+    heads = dict(model(x))
+    return {**heads, unwrap(model).PREDICTION: unwrap(model).combine(heads)}

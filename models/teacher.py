@@ -1,32 +1,20 @@
-"""CNN teachers: build them by name, and load every teacher checkpoint format strictly.
+"""CNN teachers: build them by name, fold their BatchNorms, tell their input size.
 
-Architectures (RECIPE sections 2-3): ``resnet32`` (CIFAR, ``models/resnet_cifar.py``),
+Architectures (docs/recipe.md section 3): ``resnet32`` (CIFAR, ``models/resnet_cifar.py``),
 ``resnet50`` (torchvision layout, ImageNet-LT / iNat), or any timm CNN name. Heads:
 ``linear`` (CE, PaCo) or ``normed`` (LDAM's cosine ``NormedLinear``). Every teacher has
 ``forward_features(x) -> (B, D)`` pooled features and ``forward_head(features) -> logits``.
-
-Checkpoint formats that ``load_teacher`` recognises (RECIPE section 7):
-
-* ``project``: ``{"kind": "teacher", "arch": {"arch", "num_classes", "head"}, "model", ...}``
-* ``plain``: ``{"model": state_dict}`` (the reference CE ResNet-32), or a bare state_dict
-* ``ldam``: ``{"state_dict", "arch": "resnet32", "epoch", "best_acc1", ...}``, keys with or
-  without ``module.``
-* ``paco``: the whole MoCo module under ``state_dict`` with ``module.`` prefixes. Only the
-  query encoder's backbone and the classifier ``linear`` produce the logits at evaluation
-  (``linear(avgpool(encoder_q backbone))``), so those are kept; the projection ``fc.*``, the
-  key encoder, ``linear_k`` and the queues are dropped and listed in ``info['dropped_keys']``.
+Reading teacher checkpoints (the project's and the published formats) is
+``models/checkpoint.py``'s job.
 """
 from __future__ import annotations
-
-import os
-from typing import Any, Mapping
 
 import timm
 import torch
 import torch.nn as nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from models.checkpoint import load_state_dict_strict, safe_load, strip_prefix, to_plain
+from errors import ConfigError
 from models.resnet_cifar import NormedLinear, resnet32
 
 HEADS = ("linear", "normed")
@@ -74,11 +62,11 @@ class _TimmTeacher:
 
 def _timm_teacher(name: str, num_classes: int, head: str) -> nn.Module:
     if not timm.is_model(name):
-        raise ValueError(f"unknown teacher arch {name!r}: use 'resnet32', 'resnet50' or a timm "
+        raise ConfigError(f"unknown teacher arch {name!r}: use 'resnet32', 'resnet50' or a timm "
                          f"model name (timm.list_models())")
     model = timm.create_model(name, num_classes=num_classes, pretrained=False)
     if not hasattr(model, "get_classifier") or not isinstance(model.get_classifier(), nn.Linear):
-        raise ValueError(f"teacher arch {name!r}: expected a timm CNN with one linear classifier")
+        raise ConfigError(f"teacher arch {name!r}: expected a timm CNN with one linear classifier")
     if head == "normed":
         fc = model.get_classifier()
         fc_name = next(n for n, m in model.named_modules() if m is fc)
@@ -90,9 +78,9 @@ def _timm_teacher(name: str, num_classes: int, head: str) -> nn.Module:
 def build_teacher(arch: str, num_classes: int, head: str = "linear") -> nn.Module:
     """A freshly initialised teacher; ``build_teacher(**teacher_arch_of(model))`` rebuilds one."""
     if head not in HEADS:
-        raise ValueError(f"teacher head must be one of {HEADS}, got {head!r}")
+        raise ConfigError(f"teacher head must be one of {HEADS}, got {head!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"teacher num_classes must be a positive integer, got {num_classes!r}")
+        raise ConfigError(f"teacher num_classes must be a positive integer, got {num_classes!r}")
     if arch == "resnet32":
         model = resnet32(num_classes=num_classes, head=head)
     elif arch == "resnet50":
@@ -110,119 +98,27 @@ def teacher_arch_of(model: nn.Module) -> dict:
     return dict(model.teacher_arch)
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- classifier
 
 
-def _classifier_name(arch: str) -> str:
-    if arch == "resnet32":
-        return "linear"
-    if arch == "resnet50":
-        return "fc"
-    model = _timm_teacher(arch, 1, "linear")  # timm: ask the model where its classifier is
-    fc = model.get_classifier()
-    return next(n for n, m in model.named_modules() if m is fc)
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of a teacher's (or backbone's) final classifier: ``linear`` (ResNet-32),
+    ``fc`` (ResNet-50), timm's own (``fc``, ``head.fc``, ``classifier``, ...)."""
+    if hasattr(model, "get_classifier"):
+        clf = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is clf and name:
+                return name
+    for name in ("linear", "fc"):
+        if isinstance(getattr(model, name, None), (nn.Linear, NormedLinear)):
+            return name
+    raise ValueError(f"cannot find the classifier of {type(model).__name__}")
 
 
-def infer_teacher_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """'resnet32' or 'resnet50' from the keys and stem shape; None for anything else."""
-    stem = state_dict.get("conv1.weight")
-    if stem is None:
-        return None
-    if tuple(stem.shape) == (16, 3, 3, 3) and "layer3.4.conv2.weight" in state_dict \
-            and "layer3.5.conv1.weight" not in state_dict and "layer4.0.conv1.weight" not in state_dict:
-        return "resnet32"
-    if tuple(stem.shape) == (64, 3, 7, 7) and "layer4.2.conv3.weight" in state_dict \
-            and "layer3.5.conv3.weight" in state_dict and "layer3.6.conv1.weight" not in state_dict:
-        return "resnet50"
-    return None
-
-
-def infer_head(state_dict: Mapping[str, torch.Tensor], classifier: str) -> tuple[str, int]:
-    """(head, num_classes) from the classifier weights: nn.Linear is (C, D) with a bias,
-    LDAM's NormedLinear is (D, C) without one."""
-    weight = state_dict.get(f"{classifier}.weight")
-    if weight is None:
-        raise ValueError(f"no classifier weights {classifier}.weight in the checkpoint")
-    if f"{classifier}.bias" in state_dict:
-        return "linear", int(weight.shape[0])
-    return "normed", int(weight.shape[1])
-
-
-def _split_paco(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
-    """(query-encoder backbone, classifier ``linear``, dropped keys) from a MoCo state_dict."""
-    backbone, classifier, dropped = {}, {}, []
-    for key, value in state_dict.items():
-        if key.startswith("encoder_q.") and not key.startswith("encoder_q.fc."):
-            backbone[key[len("encoder_q."):]] = value
-        elif key.startswith("linear."):
-            classifier[key[len("linear."):]] = value
-        else:  # encoder_q.fc.* (projection), encoder_k.*, linear_k.*, queue, queue_l, queue_ptr
-            dropped.append(key)
-    return backbone, classifier, dropped
-
-
-def teacher_from_checkpoint(ckpt: Any, arch: str | None = None, num_classes: int | None = None,
-                            head: str | None = None, source: str = "checkpoint"
-                            ) -> tuple[nn.Module, dict]:
-    """Build and strictly load a teacher from an already loaded checkpoint object.
-
-    Given ``arch``/``num_classes``/``head`` take precedence over what the file says or implies;
-    a contradiction then shows up as a strict-loading error naming the keys and shapes.
-    """
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    stored: dict = {}
-    class_map, dropped, extra = None, [], {}
-    if ckpt.get("kind") == "teacher":
-        fmt, state = "project", dict(ckpt["model"])
-        stored = dict(ckpt.get("arch") or {})
-        class_map = ckpt.get("class_map")
-        extra = {"epoch": to_plain(ckpt.get("epoch")), "metrics": to_plain(ckpt.get("metrics")),
-                 "config": to_plain(ckpt.get("config"))}
-    elif "kind" in ckpt:
-        raise ValueError(f"{source}: is a {ckpt['kind']!r} checkpoint, not a teacher")
-    elif isinstance(ckpt.get("state_dict"), Mapping):
-        state = strip_prefix(ckpt["state_dict"])
-        if isinstance(ckpt.get("arch"), str):
-            stored["arch"] = ckpt["arch"]
-        extra = {"epoch": to_plain(ckpt.get("epoch")), "best_acc1": to_plain(ckpt.get("best_acc1"))}
-        fmt = "paco" if any(k.startswith("encoder_q.") for k in state) else "ldam"
-    elif isinstance(ckpt.get("model"), Mapping):
-        fmt, state = "plain", strip_prefix(ckpt["model"])
-    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        fmt, state = "plain", strip_prefix(ckpt)
-    else:
-        raise ValueError(f"{source}: unrecognised teacher checkpoint (keys: {sorted(ckpt)[:10]})")
-
-    if fmt == "paco":
-        state, paco_classifier, dropped = _split_paco(state)
-    arch = arch or stored.get("arch") or infer_teacher_arch(state)
-    if arch is None:
-        raise ValueError(f"{source}: cannot infer the teacher architecture from its keys; pass arch=")
-    classifier = _classifier_name(arch)
-    if fmt == "paco":  # PaCo's classifier is `linear`; ResNet-50's is `fc`
-        state.update({f"{classifier}.{k}": v for k, v in paco_classifier.items()})
-    inferred_head, inferred_classes = infer_head(state, classifier)
-    resolved = {"arch": arch,
-                "num_classes": num_classes or stored.get("num_classes") or inferred_classes,
-                "head": head or stored.get("head") or inferred_head}
-    model = build_teacher(**resolved)
-    load_state_dict_strict(model, state, f"{source} ({fmt} teacher format)")
-    model.eval()
-    info = {"kind": "teacher", "format": fmt, "arch": resolved, "class_map": to_plain(class_map),
-            "dropped_keys": dropped, "source": source, **extra}
-    return model, info
-
-
-def load_teacher(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
-                 head: str | None = None) -> tuple[nn.Module, dict]:
-    """Teacher from any supported checkpoint file, strictly loaded, in eval mode.
-
-    Returns ``(model, info)`` with ``info = {'format': 'project'|'plain'|'ldam'|'paco',
-    'arch': {...}, 'class_map': list or None, 'dropped_keys': [...], ...}``.
-    """
-    return teacher_from_checkpoint(safe_load(path), arch=arch, num_classes=num_classes,
-                                   head=head, source=os.fspath(path))
+def classifier_name_of(arch: str) -> str:
+    """``classifier_name`` of the teacher ``arch`` builds (without building the two built-ins)."""
+    known = {"resnet32": "linear", "resnet50": "fc"}
+    return known[arch] if arch in known else classifier_name(build_teacher(arch, 1))
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:

@@ -86,7 +86,7 @@ def student_run(work) -> dict:
     """One full student evaluation with every output, shared by the tests that read it."""
     out = work["tmp"] / "student_out"
     proc = run_ok(["--ckpt", work["student"], "--out-dir", out, "--json", out / "eval.json",
-                   "--teacher", work["teacher"], "--batch-size", 8], work["tmp"])
+                   "--teacher", work["teacher"], "eval.batch_size=8"], work["tmp"])
     return {"json": json.loads((out / "eval.json").read_text()), "out": out, "stdout": proc.stdout}
 
 
@@ -116,8 +116,8 @@ def test_student_json_and_plots(work, student_run):
 def test_student_numbers_match_an_independent_pass(work, student_run):
     """Recompute the logits here, without evaluate.py's code, and compare every number."""
     from data import build_datasets, build_transform
-    from engine import classification_metrics
-    from models import load_student, student_logits
+    from engine.metrics import classification_metrics
+    from models import load_student, student_outputs
 
     cfg = work["cfg"]
     _, dataset_val = build_datasets(cfg["data"], None, build_transform(False, cfg["data"], cfg["aug"]))
@@ -125,7 +125,8 @@ def test_student_numbers_match_an_independent_pass(work, student_run):
     images = torch.stack([dataset_val[i][0] for i in range(len(dataset_val))])
     targets = torch.tensor(dataset_val.targets)
     with torch.no_grad():
-        cls_logits, dist_logits = student_logits(model, images)
+        out = student_outputs(model, images)
+        cls_logits, dist_logits = out["cls"], out["dist"]
     r = student_run["json"]
     for name, logits in (("cls", cls_logits), ("dist", dist_logits), ("avg", (cls_logits + dist_logits) / 2)):
         expected = classification_metrics(logits, targets, dataset_val.groups, 10)
@@ -196,7 +197,7 @@ def test_distributed_equals_single_process(work, student_run):
     """Two gloo processes (37 images: unequal shards, padded last batch) == one process."""
     two = work["tmp"] / "two.json"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    proc = run_ok(["--ckpt", work["student"], "--teacher", work["teacher"], "--batch-size", 8, "--json", two],
+    proc = run_ok(["--ckpt", work["student"], "--teacher", work["teacher"], "eval.batch_size=8", "--json", two],
                   work["tmp"], launcher=launcher)
     a, b = student_run["json"], json.loads(two.read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
@@ -225,25 +226,28 @@ def test_help_lists_every_option(capsys):
         evaluate.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--ckpt", "--config", "--json", "--out-dir", "--analysis", "--teacher", "--ema",
-                   "--batch-size", "--print-config", "eval.max_samples", "data.path", "aug.normalize"):
+    for option in ("--ckpt", "--config", "--json", "--out-dir", "--teacher", "--print-config",
+                   "eval.analysis", "eval.ema", "eval.batch_size", "eval.max_samples", "data.path",
+                   "aug.normalize"):
         assert option in text, option
+    for gone in ("--analysis", "--ema", "--batch-size"):  # one spelling per knob: the config keys
+        assert gone not in text, gone
 
 
 def test_config_precedence(work, capsys):
-    """stored < --config < overrides < flags; a training config file's other sections skipped."""
+    """stored < --config < overrides; a training config file's other sections skipped."""
     import evaluate
 
     config = work["tmp"] / "train_config.yaml"
     config.write_text(yaml.safe_dump({"data": {"num_workers": 1, "groups": "count"},
                                       "eval": {"batch_size": 3}, "optim": {"lr": 1e-3}}))
     assert evaluate.main(["--ckpt", str(work["student"]), "--config", str(config), "data.num_workers=0",
-                          "--batch-size", "5", "--print-config"]) == 0
+                          "eval.batch_size=5", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["data"]["path"] == str(work["data"])      # from the checkpoint
     assert cfg["data"]["groups"] == "count"              # --config over the checkpoint
     assert cfg["data"]["num_workers"] == 0               # override over --config
-    assert cfg["eval"]["batch_size"] == 5                # flag over --config
+    assert cfg["eval"]["batch_size"] == 5                # override over --config
     assert "optim" not in cfg
 
 
@@ -273,7 +277,7 @@ def test_errors_name_the_problem(work, capsys):
     expect_error(["--ckpt", work["tmp"] / "does_not_exist.pth"], capsys, "checkpoint not found")
     expect_error(["--ckpt", work["student"], "eval.bogus=1"], capsys, "eval.bogus")
     expect_error(["--ckpt", work["student"], "data.input_size=64"], capsys, "input_size", "32x32")
-    expect_error(["--ckpt", work["teacher"], "--analysis"], capsys, "needs a student")
+    expect_error(["--ckpt", work["teacher"], "eval.analysis=true"], capsys, "needs a student")
     expect_error(["--ckpt", work["student"], "--teacher", work["tmp"] / "nope.pth", "--print-config"], capsys,
                  "teacher checkpoint not found")
     expect_error(["--ckpt", work["student"], "--teacher", work["student"], "--print-config"], capsys,
@@ -310,11 +314,10 @@ def test_architecture_mismatch_refused(work, capsys):
 
 
 def test_ema_weights(work, capsys):
-    """--ema on a checkpoint without EMA weights says so; with them, it loads model_ema."""
+    """eval.ema on a checkpoint without EMA weights says so; with them, it loads model_ema."""
     import evaluate
     from models import build_student
 
-    expect_error(["--ckpt", work["student"], "--ema", "--print-config"], capsys, "model_ema")
     expect_error(["--ckpt", work["student"], "eval.ema=true", "--print-config"], capsys, "model_ema")
     model, ema = build_student(STUDENT_ARCH), build_student(STUDENT_ARCH)
     path = work["tmp"] / "student_ema.pth"

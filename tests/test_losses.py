@@ -30,9 +30,9 @@ def test_class_weights_match_reference(parity_dir):
 
 def test_drw_weights_switch_on_at_drw_epoch():
     counts = [100, 10, 1]
-    assert torch.equal(drw_weights(counts, epoch=159, drw_epoch=160), torch.ones(3))
+    assert drw_weights(counts, epoch=159, drw_epoch=160) is None  # unweighted before DRW
     assert torch.equal(drw_weights(counts, epoch=160, drw_epoch=160), class_balanced_weights(counts))
-    assert torch.equal(drw_weights(counts, epoch=500, drw_epoch=None), torch.ones(3))
+    assert drw_weights(counts, epoch=500, drw_epoch=None) is None
 
 
 # ----------------------------------------------------------------------------- LDAM
@@ -109,7 +109,7 @@ def test_teacher_sees_resized_input_without_antialias():
     loss_fn = DistillationLoss(SoftTargetCrossEntropy(), teacher, "hard", 0.5, 1.0, teacher_input_size=32)
     inputs = torch.randn(2, 3, 224, 224)
     targets = F.one_hot(torch.tensor([0, 3]), 4).float()
-    outputs = (torch.randn(2, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True))
+    outputs = {"cls": torch.randn(2, 4, requires_grad=True), "dist": torch.randn(2, 4, requires_grad=True)}
     loss, parts = loss_fn(inputs, outputs, targets)
     expected = F.interpolate(inputs, size=(32, 32), mode="bicubic", align_corners=False, antialias=False)
     assert teacher.seen.shape == (2, 3, 32, 32)
@@ -121,7 +121,7 @@ def test_teacher_sees_resized_input_without_antialias():
     assert set(parts) == {"base", "distill"}
     torch.testing.assert_close(loss, parts["base"] + parts["distill"])
     loss.backward()  # gradients reach the student heads, not the teacher
-    assert outputs[1].grad is not None and teacher.conv.weight.grad is None
+    assert outputs["dist"].grad is not None and teacher.conv.weight.grad is None
     # same size: no resize at all
     loss_fn(expected, outputs, targets)
     torch.testing.assert_close(teacher.seen, expected, rtol=0, atol=0)
@@ -141,14 +141,14 @@ def test_class_map_hard_and_soft():
 
     hard = DistillationLoss(nn.CrossEntropyLoss(), RecordingTeacher(teacher_logits), "hard", 0.5, 1.0,
                             class_map=class_map)
-    _, parts = hard(inputs, (cls_logits, dist_logits), labels, class_weights=weights)
+    _, parts = hard(inputs, {"cls": cls_logits, "dist": dist_logits}, labels, class_weights=weights)
     mapped = torch.tensor(class_map)[teacher_logits.argmax(1)]
     expected = 0.5 * F.cross_entropy(dist_logits, mapped, weight=weights)
     torch.testing.assert_close(parts["distill"], expected)
 
     soft = DistillationLoss(nn.CrossEntropyLoss(), RecordingTeacher(teacher_logits), "soft", 0.5, 2.0,
                             class_map=class_map)
-    _, parts = soft(inputs, (cls_logits, dist_logits), labels)
+    _, parts = soft(inputs, {"cls": cls_logits, "dist": dist_logits}, labels)
     permuted = torch.zeros_like(teacher_logits)
     for teacher_label, student_label in enumerate(class_map):
         permuted[:, student_label] = teacher_logits[:, teacher_label]
@@ -164,7 +164,7 @@ def test_distillation_none_needs_no_teacher_and_bad_settings_raise():
     cls_logits, dist_logits = torch.randn(4, 3), torch.randn(4, 3)
     labels = torch.tensor([0, 1, 2, 0])
     loss_fn = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
-    loss, parts = loss_fn(torch.randn(4, 3, 8, 8), (cls_logits, dist_logits), labels)
+    loss, parts = loss_fn(torch.randn(4, 3, 8, 8), {"cls": cls_logits, "dist": dist_logits}, labels)
     torch.testing.assert_close(parts["distill"], 0.5 * F.cross_entropy(dist_logits, labels))
     for kwargs in (dict(distillation_type="medium"), dict(alpha=1.5), dict(alpha=-0.1), dict(tau=0.0),
                    dict(distillation_type="hard", teacher=None), dict(distillation_type="soft", teacher=None)):

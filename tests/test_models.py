@@ -13,10 +13,16 @@ from torchvision.models import resnet50
 
 from models import (CheckpointMismatchError, UnsafeCheckpointError, build_student, build_teacher,
                     load_any, load_student, load_teacher, resnet32, safe_load, student_arch,
-                    student_logits, teacher_arch_of)
-from models.checkpoint import student_from_checkpoint
+                    student_outputs, teacher_arch_of)
+from models.checkpoint import student_from_checkpoint, teacher_from_checkpoint
 from models.student import set_fused_attn
-from models.teacher import fold_batchnorm, teacher_from_checkpoint
+from models.teacher import fold_batchnorm
+
+
+def student_logits(model, x):
+    """(cls, dist) logits through the head contract."""
+    out = student_outputs(model, x)
+    return out["cls"], out["dist"]
 
 TEACHER_FILES = {
     "ldam": ("reference_teacher_ldam_resnet32.pth.tar", "ldam", "normed"),
@@ -353,11 +359,16 @@ def test_patch4_student_logits_in_train_and_eval():
         cls_logits, dist_logits = student_logits(model, x)
         assert cls_logits.shape == dist_logits.shape == (3, 10)
         assert not torch.allclose(cls_logits, dist_logits)
-    # a plain timm VisionTransformerDistilled also works (its forward would average the heads)
+    # the reported prediction ('avg', DistilledStudent.combine) equals what a plain timm
+    # VisionTransformerDistilled with the same weights predicts in eval mode (the heads' mean)
     plain = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10,
                               img_size=32, patch_size=4, depth=1).eval()
-    c, d = student_logits(plain, x)
-    torch.testing.assert_close((c + d) / 2, plain(x))
+    ours = build_student(student_arch("deit_tiny_distilled_patch16_224", 10, img_size=32, patch_size=4,
+                                      depth=1)).eval()
+    ours.load_state_dict(plain.state_dict(), strict=True)
+    out = student_outputs(ours, x)
+    assert list(out) == ["cls", "dist", "avg"]
+    torch.testing.assert_close(out["avg"], plain(x))
 
 
 def test_fused_attention_equals_plain_formula():

@@ -9,7 +9,7 @@ These tests check, on tiny models and synthetic data (CPU, a few seconds):
   weights, and the same fp32 outputs whichever attention path is on;
 - the settings reach the models: bf16 logits from the student's heads under the fast
   autocast, an fp32 loss from ``DistillationLoss``, a teacher that gets a channels-last input
-  inside the autocast region; ``engine.build_accelerator`` with bf16 autocasts matmuls on CPU;
+  inside the autocast region; ``engine.device.build_accelerator`` with bf16 autocasts matmuls on CPU;
 - numerics: 50 real training steps (mixup, student, teacher inside the loss, AdamW) in
   fp32, ``fast`` and ``fast_math`` (bf16 with the explicit attention formula, faster on CPU)
   end at losses within 2%, and the same weights classify held-out images alike (top-1 within
@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
-from models.student import set_fused_attn
+from engine.device import build_accelerator
+from models.student import set_fused_attn, student_outputs
 from train_student import SPEC
 from utils import load_config
 
@@ -60,7 +60,7 @@ def tiny(bench):
                              "model.name=deit_tiny_distilled_patch4_32", "model.depth=2",
                              "model.embed_dim=64", "model.num_heads=2", "train.batch_size=32",
                              "optim.lr=1e-3", "optim.lr_scaling=none", "train.model_ema=false"])
-    arch = bench.resolve_arch(cfg)
+    _, arch = bench.build_model(cfg, bench.num_classes_of(cfg))
     # The bench's stand-in teacher: a randomly initialised ResNet-32 with LDAM's normed head.
     return cfg, arch, bench.make_teacher(bench.teacher_spec(cfg, arch))
 
@@ -106,13 +106,20 @@ def learnable_batches(count: int, batch: int, seed: int) -> list[tuple[torch.Ten
     return out
 
 
+@pytest.fixture()
+def accelerator():
+    """The bench's fp32 Accelerator (its bf16 modes add the autocast region themselves)."""
+    with _fresh_accelerate_state():
+        yield build_accelerator({"mixed_precision": "no", "cpu": True})
+
+
 # ----------------------------------------------------------------------------- (a) mode switch
 
 
-def test_modes_switch_attention_and_teacher_layout(bench, tiny):
+def test_modes_switch_attention_and_teacher_layout(bench, tiny, accelerator):
     cfg, arch, teacher = tiny
-    fp32 = bench.build_mode(bench.MODES["fp32"], cfg, arch, teacher, CPU)
-    fast = bench.build_mode(bench.MODES["fast"], cfg, arch, teacher, CPU)
+    fp32 = bench.build_mode(bench.MODES["fp32"], cfg, teacher, accelerator)
+    fast = bench.build_mode(bench.MODES["fast"], cfg, teacher, accelerator)
     assert not any(block.attn.fused_attn for block in fp32.raw_model.blocks)
     assert all(block.attn.fused_attn for block in fast.raw_model.blocks)
 
@@ -141,7 +148,7 @@ def test_modes_switch_attention_and_teacher_layout(bench, tiny):
         set_fused_attn(fast.raw_model, False)  # and the switch back to the formula
         assert not any(block.attn.fused_attn for block in fast.raw_model.blocks)
         switched = fast.raw_model(x)
-    for a, b, c in zip(plain, fused, switched):
+    for a, b, c in zip(plain.values(), fused.values(), switched.values()):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
@@ -165,9 +172,9 @@ def _record_teacher(teacher: torch.nn.Module) -> tuple[dict, list]:
 
 
 @pytest.mark.parametrize("mode", ["fp32", "fast"])
-def test_precision_reaches_student_teacher_and_loss(bench, tiny, mode):
+def test_precision_reaches_student_teacher_and_loss(bench, tiny, mode, accelerator):
     cfg, arch, teacher = tiny
-    state = bench.build_mode(bench.MODES[mode], cfg, arch, teacher, CPU)
+    state = bench.build_mode(bench.MODES[mode], cfg, teacher, accelerator)
     x, y = learnable_batches(1, 8, seed=0)[0]
     x, targets = state.mixup_fn(x.clone(), y)
     heads = {}
@@ -176,8 +183,9 @@ def test_precision_reaches_student_teacher_and_loss(bench, tiny, mode):
     seen, teacher_handles = _record_teacher(bench.inner_teacher(state.criterion))
     try:
         with bench.autocast(state.mode, CPU):
-            cls_logits, dist_logits = state.model(x)
-            loss, terms = state.criterion(x, (cls_logits, dist_logits), targets)
+            outputs = state.model(x)
+            cls_logits, dist_logits = outputs["cls"], outputs["dist"]
+            loss, terms = state.criterion(x, outputs, targets)
     finally:
         for handle in handles + teacher_handles:
             handle.remove()
@@ -219,7 +227,7 @@ def _fresh_accelerate_state():
 
 def test_build_accelerator_bf16_autocasts_matmuls_on_cpu():
     with _fresh_accelerate_state():
-        accelerator = engine.build_accelerator({"mixed_precision": "bf16"})
+        accelerator = build_accelerator({"mixed_precision": "bf16"})
         assert accelerator.mixed_precision == "bf16"
         assert accelerator.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
         a = torch.randn(8, 16, device=accelerator.device)
@@ -239,18 +247,17 @@ def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast: bool) 
     set_fused_attn(model, fast)
     region = torch.autocast("cpu", torch.bfloat16) if fast else contextlib.nullcontext()
     with torch.no_grad(), region:
-        cls_logits, dist_logits = (t.float() for t in model(x))
-    logits = {"cls": cls_logits, "dist": dist_logits, "avg": (cls_logits + dist_logits) / 2}
+        logits = {k: v.float() for k, v in student_outputs(model, x).items()}
     return {k: 100.0 * (v.argmax(1) == y).float().mean().item() for k, v in logits.items()}
 
 
-def test_fp32_and_fast_training_agree(bench, tiny):
+def test_fp32_and_fast_training_agree(bench, tiny, accelerator):
     cfg, arch, _ = tiny
     teacher = informative_teacher()
     batches = learnable_batches(8, cfg["train"]["batch_size"], seed=0)  # a fixed dataset, cycled
     losses, states = {}, {}
     for mode in ("fp32", "fast", "fast_math"):  # fast_math: bf16 with the explicit attention
-        states[mode] = bench.build_mode(bench.MODES[mode], cfg, arch, teacher, CPU)
+        states[mode] = bench.build_mode(bench.MODES[mode], cfg, teacher, accelerator)
         # run_steps seeds mixup and drop path per step: both modes see the same draws.
         _, losses[mode], _ = bench.run_steps(states[mode], batches, 0, 50)
     last = {mode: sum(v[-10:]) / 10 for mode, v in losses.items()}

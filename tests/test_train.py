@@ -72,7 +72,7 @@ def log_lines(out: Path) -> list[dict]:
 
 
 def test_teacher_end_to_end(teacher_ckpt):
-    from models.teacher import load_teacher
+    from models.checkpoint import load_teacher
 
     out = teacher_ckpt.parent
     ckpt = torch.load(teacher_ckpt, weights_only=True)  # plain types only
@@ -220,8 +220,8 @@ def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     assert [line["epoch"] for line in log_lines(tout)] == [0, 1]
     out = tmp_path / "ddp"
     proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
-                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=2", "train.batch_size=8"],
-               launch=["--multi_gpu", "--num_processes", "2"])
+                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=2", "train.batch_size=8",
+                "train.eval_ema=true"], launch=["--multi_gpu", "--num_processes", "2"])
     assert "processes 2" in proc.stdout  # the world size we asked for, really
     assert proc.stdout.count("done: best avg top-1") == 1
     assert [line["epoch"] for line in log_lines(out)] == [0, 1]  # one writer
@@ -234,10 +234,21 @@ def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     for head in ("cls", "dist", "avg"):
         assert result[head]["top1"] == ckpt["metrics"][head]["top1"]
         assert result[head]["per_class"] == ckpt["metrics"][head]["per_class"]
+    # The EMA is the same on both processes: the in-training EMA evaluation equals a
+    # 1-process evaluate.py of the saved EMA weights.
+    run(["evaluate.py", "--ckpt", str(out / "checkpoint.pth"), "eval.ema=true", "--json", str(tmp_path / "ema.json")])
+    ema = json.loads((tmp_path / "ema.json").read_text())
+    for head in ("cls", "dist", "avg"):
+        assert ema[head]["per_class"] == ckpt["metrics"][f"ema_{head}"]["per_class"]
+    # resuming with another number of processes is refused (peak lr, shards, step index differ)
+    proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
+                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=3", "train.batch_size=8",
+                "train.eval_ema=true"], check=False)
+    assert proc.returncode == 2 and "trained with 2 process(es), this launch has 1" in proc.stderr
     # resume in 2 processes
     proc = run(["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}", f"train.output_dir={out}",
-                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=3", "train.batch_size=8"],
-               launch=["--multi_gpu", "--num_processes", "2"])
+                f"distill.teacher_ckpt={teacher_ckpt}", "train.epochs=3", "train.batch_size=8",
+                "train.eval_ema=true"], launch=["--multi_gpu", "--num_processes", "2"])
     assert "at epoch 2 step 0" in proc.stdout
     assert [line["epoch"] for line in log_lines(out)] == [0, 1, 2]
 
@@ -320,7 +331,7 @@ def test_teacher_with_wrong_number_of_classes_is_rejected(tiny_data, tmp_path):
 
 
 def test_reference_lr_rule_and_schedule():
-    """RECIPE section 2: peak 5e-4 x 128 x 2 / 512 = 2.5e-4; cosine over 1200 epochs with 5
+    """docs/recipe.md section 2: peak 5e-4 x 128 x 2 / 512 = 2.5e-4; cosine over 1200 epochs with 5
     warm-up epochs from 1e-6 (not a prefix), floor 1e-5."""
     import train_student
     from utils import load_config

@@ -1,0 +1,181 @@
+"""Pieces of both training loops: loaders, windows of micro-batches, the once-per-step
+bookkeeping, and the weights a checkpoint stores.
+
+``StepMonitor.after_step`` is the one host synchronisation of an optimiser step: it checks
+the loss terms for NaN/inf on every process, sees a SIGTERM received by any process, and reads
+the running loss for the progress bar, all in one all-reduce and one copy to the host.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from data import build_datasets, build_train_sampler, build_transform
+from engine.seeding import SeededDataset, SeededSampler
+from errors import ConfigError, NonFiniteLossError
+
+
+def steps_per_epoch(num_batches: int, accum: int, max_steps: int | None) -> int:
+    """Optimiser updates per epoch: whole accumulation windows, capped by ``max_steps``."""
+    steps = max(1, num_batches // accum)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def windows(data_loader, accum: int, num_steps: int, start_step: int = 0) -> Iterator[tuple[int, list]]:
+    """``(step, [micro-batch, ...])`` for the optimiser steps ``start_step .. num_steps - 1``;
+    a resumed epoch skips the micro-batches of the steps already done."""
+    if start_step:
+        from accelerate import skip_first_batches
+        data_loader = skip_first_batches(data_loader, start_step * accum)
+    batches = iter(data_loader)
+    for step in range(start_step, num_steps):
+        yield step, [next(batches) for _ in range(accum)]
+
+
+def no_sync(accelerator, model, sync: bool):
+    """The context for one micro-batch's backward: gradients are reduced across processes only
+    when ``sync`` (the window's last micro-batch). DDP and FSDP1 through accelerate's
+    ``no_sync``; FSDP2 modules through ``set_requires_gradient_sync``."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        @contextlib.contextmanager
+        def fsdp2_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp2_no_sync()
+    return accelerator.no_sync(model)
+
+
+def skipped_term(accelerator, optimizer, skipped: bool | None = None) -> dict[str, torch.Tensor]:
+    """Under fp16 loss scaling, ``{"skipped": 1.0 or 0.0}``: whether the GradScaler skipped this
+    update on an overflowed gradient (its mean over an epoch is the skipped share, in log.txt).
+    Empty without a scaler."""
+    if accelerator.scaler is None:
+        return {}
+    if skipped is None:
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    return {"skipped": torch.tensor(float(skipped), device=accelerator.device)}
+
+
+def loss_scale_record(accelerator) -> dict:
+    """``{"loss_scale": current scale}`` under fp16 loss scaling, for the epoch's log line."""
+    return {} if accelerator.scaler is None else {"loss_scale": float(accelerator.scaler.get_scale())}
+
+
+def to_device(batch, device):
+    """Tensors (or nested lists of them, PaCo's two views) onto ``device``."""
+    if isinstance(batch, (list, tuple)):
+        return [to_device(b, device) for b in batch]
+    return batch.to(device, non_blocking=True)
+
+
+class StepMonitor:
+    """Once-per-step bookkeeping of an epoch (see the module docstring), plus the optional
+    print line and the intermediate / SIGTERM saves.
+
+    ``after_step`` returns True when the loop must stop (preempted; the state is saved). It
+    raises NonFiniteLossError naming the epoch, step and term(s) before anything is saved,
+    so the last saved state stays intact.
+    """
+
+    def __init__(self, cfg: dict, accelerator, preemption, save_fn, epoch: int, num_steps: int,
+                 start_step: int = 0) -> None:
+        self.cfg, self.accelerator, self.preemption, self.save_fn = cfg, accelerator, preemption, save_fn
+        self.epoch, self.num_steps = epoch, num_steps
+        self.loss_sum, self.count = 0.0, 0
+        self.sums: dict[str, torch.Tensor] = {}  # per-term sums on the device (epoch means)
+
+    def after_step(self, step: int, terms: dict[str, torch.Tensor]) -> bool:
+        names = list(terms)
+        values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+        for name, value in zip(names, values):
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        flags = torch.cat([(~torch.isfinite(values)).float(),
+                           torch.tensor([float(self.preemption.requested)], device=values.device),
+                           values[:1]]).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        host = flags.tolist()  # the step's one host synchronisation
+        bad = [n for n, f in zip(names, host[:len(names)]) if f > 0]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}, step {step}: term(s) {', '.join(bad)} "
+                f"(on at least one process). The last saved state is intact; resume from it "
+                f"(e.g. with train.mixed_precision=bf16 or a lower lr).")
+        self.loss_sum += host[-1] / self.accelerator.num_processes
+        self.count += 1
+        done = step + 1
+        every = self.cfg["log"]["print_every"]
+        if every and done % every == 0:
+            self.accelerator.print(f"epoch {self.epoch} step {done}/{self.num_steps} loss {self.mean_loss:.4f}")
+        if host[len(names)] > 0:
+            self.save_fn(self.epoch, done)
+            return True
+        save_every = self.cfg["train"]["save_every_steps"]
+        if save_every and done % save_every == 0 and done < self.num_steps:
+            self.save_fn(self.epoch, done)
+        return False
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(1, self.count)
+
+    def epoch_means(self) -> dict[str, float]:
+        """This process's mean of every term over the epoch's steps (one sync, at the end)."""
+        return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The model's full weights for a portable checkpoint, without wrapper prefixes.
+
+    Sharded parameters (FSDP2's DTensors) are gathered with torch's
+    ``get_model_state_dict(full_state_dict=True)``; otherwise ``accelerator.get_state_dict``
+    (which also gathers FSDP1). A collective: every process must call this.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from models.student import unwrap
+
+    inner = unwrap(model)
+    if any(isinstance(p, DTensor) for p in inner.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(model)
+
+
+def build_loaders(cfg: dict, accelerator, train_transform=None):
+    """Datasets and loaders of a training script (the same for teacher and student).
+
+    The train loader is not prepared: its sampler is already rank-aware (repeated
+    augmentation), and accelerate must not re-shard it (STYLE.md). The eval loader is
+    prepared so ``gather_for_metrics`` can drop the padding duplicates.
+    """
+    tcfg = cfg["train"]
+    dataset_train, dataset_val = build_datasets(
+        cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
+        build_transform(False, cfg["data"], cfg["aug"]), verbose=accelerator.is_main_process)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sampler = SeededSampler(build_train_sampler(dataset_train, cfg["aug"], world, rank, tcfg["seed"]),
+                            tcfg["seed"], rank)
+    workers = cfg["data"]["num_workers"]
+    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+              persistent_workers=workers > 0)
+    data_loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler,
+                                   batch_size=tcfg["batch_size"], drop_last=True, **kw)
+    data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,
+                                 batch_size=tcfg.get("eval_batch_size") or 2 * tcfg["batch_size"])
+    if len(data_loader_train) < tcfg["accum_steps"]:
+        raise ConfigError(f"train.batch_size={tcfg['batch_size']} x train.accum_steps="
+                         f"{tcfg['accum_steps']} is more than the {len(sampler)} training images "
+                         f"each process gets per epoch")
+    accelerator.print(f"train: {len(dataset_train)} images, {dataset_train.num_classes} classes, "
+                      f"{len(data_loader_train)} batches/epoch/process | eval: {len(dataset_val)} images")
+    return dataset_train, dataset_val, sampler, data_loader_train, accelerator.prepare(data_loader_val)
