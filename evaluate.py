@@ -40,14 +40,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import analysis
-from data import AUG_SPEC, DATA_SPEC, build_datasets, build_transform
+from data import (AUG_SPEC, DATA_SPEC, build_datasets, build_transform, validate_aug_config,
+                  validate_data_config)
+from data.build import check_input_size
 from engine.device import build_accelerator
 from engine.metrics import classification_metrics, collect_logits, confusion_matrix
-from errors import CheckpointError, ProjectError, run_main
+from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
 from models.student import output_names, student_outputs
 from models.teacher import teacher_input_size
-from utils import atomic_write_text, git_sha, parse_config, print_config
+from utils import atomic_write_text, check, git_sha, parse_config, print_config
 
 EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
@@ -59,6 +61,9 @@ EVAL_SPEC = {
                           "checks; the numbers are then not the benchmark's)", int),
     "teacher_input_size": (None, "input size of --teacher; null = its stored data.input_size, else 32 "
                                  "for resnet32 and 224 otherwise", int),
+    "allow_class_mismatch": (False, "evaluate even when the checkpoint's stored class names differ "
+                                    "from the data's (a model trained on other classes: its numbers "
+                                    "then mean little); false: refuse, naming a few differing names"),
 }
 SPEC = {"data": DATA_SPEC, "aug": AUG_SPEC, "eval": EVAL_SPEC}
 
@@ -70,6 +75,57 @@ REFERENCE_FORMATS = ("reference", "ldam", "paco", "plain")
 
 class EvalError(ProjectError, RuntimeError):
     """A problem with the inputs (file, checkpoint, data); the message says what to fix."""
+
+
+def validate(cfg: dict) -> None:
+    """Range checks of the resolved config (ConfigError naming the key). They run after every
+    layer is merged, so values from the checkpoint's stored data/aug sections get the same
+    checks as typed ones (a stored data.input_size of 100000 would otherwise make the eval
+    transform resize every image to 100000 x 100000)."""
+    validate_data_config(cfg["data"])
+    validate_aug_config(cfg["aug"], cfg["data"]["input_size"])
+    e = cfg["eval"]
+    check(e["batch_size"] >= 1, "eval.batch_size", f"must be >= 1, got {e['batch_size']}")
+    check(e["max_samples"] is None or e["max_samples"] >= 1, "eval.max_samples",
+          f"must be >= 1 (null: the whole split), got {e['max_samples']}")
+    if e["teacher_input_size"] is not None:
+        check_input_size(e["teacher_input_size"], "eval.teacher_input_size")
+
+
+def validate_with_origin(cfg: dict, args: argparse.Namespace, stored: dict) -> None:
+    """``validate(cfg)``; a refused value that came from the checkpoint (not typed, not in
+    --config) says so, since the user never wrote it."""
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        section, _, key = str(e).split(":", 1)[0].partition(".")
+        if f"{section}.{key}" not in args.explicit_keys and key in (stored.get(section) or {}):
+            raise ConfigError(f"{e} (the value comes from the stored config of {args.ckpt})") from None
+        raise
+
+
+def check_output_paths(json_path: str | None, out_dir: str | None) -> None:
+    """Refuse, before any evaluation, output paths that could only fail once it is done: an
+    --out-dir that is a file (or lies under one), a --json that is a folder (or lies under a
+    file)."""
+    def blocking_file(path: Path) -> Path | None:
+        for candidate in (path, *path.parents):
+            if candidate.exists():
+                return candidate if not candidate.is_dir() else None
+        return None
+
+    if out_dir:
+        blocker = blocking_file(Path(out_dir))
+        if blocker is not None:
+            what = "is an existing file" if blocker == Path(out_dir) else f"lies under the file {blocker}"
+            raise EvalError(f"--out-dir {out_dir} {what}, not a folder")
+    if json_path:
+        path = Path(json_path)
+        if path.is_dir():
+            raise EvalError(f"--json {json_path} is an existing folder; give a file name")
+        blocker = blocking_file(path.parent)
+        if blocker is not None:
+            raise EvalError(f"--json {json_path} lies under the file {blocker}, not a folder")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -102,6 +158,33 @@ def load_checkpoint(path: str, ema: bool = False, teacher: bool = False) -> tupl
         return load_student(path, ema=True) if ema else load_any(path)
     except CheckpointError as e:
         raise EvalError(f"cannot load {what} {path}: {e}") from None
+
+
+def check_class_names(model_names, data_names, perm: torch.Tensor | None, what: str,
+                      allow: bool, log: Callable) -> None:
+    """Refuse (EvalError) a model trained on other classes than the data's (``model_names``: the
+    class names a project checkpoint stores, None for reference files): the data's class j
+    is compared with the model's class ``perm[j]`` (the column its logits come from), so a
+    mere reordering that the class maps explain is no mismatch. ``allow`` turns the refusal
+    into a warning (``eval.allow_class_mismatch``)."""
+    if not model_names or data_names is None:
+        return
+    n = len(data_names)
+    if len(model_names) != n:
+        differ = [f"it has {len(model_names)} class names, the data {n}"]
+    else:
+        order = perm.tolist() if perm is not None else list(range(n))
+        pairs = [(j, model_names[order[j]], data_names[j]) for j in range(n)]
+        wrong = [(j, m, d) for j, m, d in pairs if str(m) != str(d)]
+        differ = [f"class {j} is {m!r} there, {d!r} in the data" for j, m, d in wrong[:3]]
+        if len(wrong) > 3:
+            differ.append(f"... {len(wrong)} of {n} differ")
+    if not differ:
+        return
+    message = f"the {what} was trained on other classes than the data's: {'; '.join(differ)}"
+    if not allow:
+        raise EvalError(f"{message}; set eval.allow_class_mismatch=true to evaluate anyway")
+    log(f"WARNING: {message}; evaluated anyway (eval.allow_class_mismatch=true)")
 
 
 def stored_config(info: dict) -> dict | None:
@@ -214,7 +297,7 @@ def format_report(results: dict) -> str:
         f"checkpoint  {results['checkpoint']} ({results['kind']}, {results['format']} format, "
         f"epoch {results['epoch']}, weights {results['weights']})",
         f"data        {results['dataset']} split {results['split']!r}: {results['num_samples']} images, "
-        f"{len(results['class_names'])} classes; groups ({results['group_rule']}) "
+        f"{len(results['class_names'])} classes; groups by {results['group_rule']}: "
         + ", ".join(f"{g} {len(groups[g])}" for g in ("head", "mid", "tail")),
         f"processes   {results['world_size']}",
         "",
@@ -303,16 +386,33 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
             raise EvalError(f"data.input_size={cfg['data']['input_size']} but the checkpoint's student "
                             f"takes {arch['img_size']}x{arch['img_size']} images (arch img_size)")
         cfg["data"]["input_size"] = arch["img_size"]
+    # The test split, not the held-out training images a run with data.val_holdout > 0 chose
+    # its best checkpoint on (its stored data section carries val_holdout): unless asked for.
+    split_note = None
+    stored_holdout = cfg["data"]["val_holdout"]
+    if stored_holdout and "data.val_holdout" not in args.explicit_keys:
+        cfg["data"]["val_holdout"] = 0.0
+        split_note = (f"the checkpoint was trained with data.val_holdout={stored_holdout}: evaluating the "
+                      f"test split (data.val_split={cfg['data']['val_split']!r}), not the held-out "
+                      f"training images (set data.val_holdout={stored_holdout} to score those)")
     if cfg["eval"]["analysis"] and kind != "student":
         raise EvalError("eval.analysis needs a student checkpoint (attention, CLS/DIST features)")
+    if not args.print_config:
+        validate_with_origin(cfg, args, stored_config(info) or {})
+        check_output_paths(args.json, args.out_dir)
     teacher, teacher_info = load_checkpoint(args.teacher, teacher=True) if args.teacher else (None, None)
     if args.print_config:
         print_config(cfg)
         return 0
+    teacher_size = None
+    if teacher is not None:  # a stored size is checked (CheckpointError naming the file) before any data
+        teacher_size = cfg["eval"]["teacher_input_size"] or teacher_input_size(teacher_info, 224)
 
     accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"]})
     main_process = accelerator.is_main_process
     log = accelerator.print
+    if split_note:
+        log(split_note)
 
     # ---------------------------------------------------------------- data
     eval_transform = build_transform(False, cfg["data"], cfg["aug"])
@@ -330,6 +430,13 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
                              original_labels=kind == "teacher" and info["format"] in REFERENCE_FORMATS)
     if perm is not None:
         log("the checkpoint's class order differs from the data's: its logits are reordered to the data's")
+    check_class_names(info.get("class_names"), dataset_val.class_names, perm,
+                      f"checkpoint {args.ckpt}", cfg["eval"]["allow_class_mismatch"], log)
+    if cfg["data"]["val_holdout"]:
+        log(f"evaluation split: {len(dataset_val)} held-out training images (data.val_holdout="
+            f"{cfg['data']['val_holdout']} of split {dataset_val.split!r}), not the test split")
+    else:
+        log(f"evaluation split: {dataset_val.split!r} ({len(dataset_val)} images)")
     dataset = dataset_val
     if cfg["eval"]["max_samples"] is not None and cfg["eval"]["max_samples"] < len(dataset_val):
         n = cfg["eval"]["max_samples"]
@@ -340,14 +447,16 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     data_loader = accelerator.prepare(data_loader)
 
     # ---------------------------------------------------------------- teacher (agreement analysis)
-    teacher_size, teacher_perm = None, None
+    teacher_perm = None
     if teacher is not None:
         if teacher_info["arch"]["num_classes"] != num_classes:
             raise EvalError(f"class count mismatch: the teacher predicts {teacher_info['arch']['num_classes']} "
                             f"classes, the data has {num_classes}")
-        teacher_size = cfg["eval"]["teacher_input_size"] or teacher_input_size(teacher_info, 224)
         teacher_perm = class_permutation(teacher_info.get("class_map"), dataset_val.class_map, num_classes,
                                          original_labels=teacher_info["format"] in REFERENCE_FORMATS)
+        check_class_names(teacher_info.get("class_names"), dataset_val.class_names,
+                          teacher_perm, f"teacher checkpoint {args.teacher}",
+                          cfg["eval"]["allow_class_mismatch"], log)
         teacher = teacher.to(accelerator.device).eval()
 
     # ---------------------------------------------------------------- evaluation
@@ -375,7 +484,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
         "tail": metrics[prediction]["tail"],
         **metrics,
         "num_samples": int(targets.numel()), "world_size": accelerator.num_processes,
-        "dataset": cfg["data"]["dataset"], "split": dataset_val.split, "group_rule": cfg["data"]["groups"],
+        "dataset": cfg["data"]["dataset"], "split": dataset_val.split, "group_rule": dataset_val.group_rule,
         "groups": groups, "class_names": dataset_val.class_names, "train_counts": dataset_val.train_counts,
         "arch": arch, "config": cfg,
     }

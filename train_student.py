@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from data import AUG_SPEC, DATA_SPEC
-from engine import loop, metrics as eval_metrics, run_folder
+from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator, precision_summary
-from engine.run_config import LOG_SPEC, RUN_SPEC, validate_run
+from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DistillationLoss
@@ -107,16 +107,49 @@ SPEC = {
 
 
 def validate(cfg: dict) -> None:
+    from data.build import check_input_size
+    from engine.run_config import known_optimizer
+    from models.safe_load import check_torch_file
+
     validate_run(cfg)
-    t, d = cfg["train"], cfg["distill"]
+    t, d, m, o, s = cfg["train"], cfg["distill"], cfg["model"], cfg["optim"], cfg["sched"]
     check(0.0 <= d["alpha"] <= 1.0, "distill.alpha", "must be in [0, 1]")
     check(d["tau"] > 0, "distill.tau", "must be > 0")
-    check(cfg["sched"]["warmup_epochs"] >= 0, "sched.warmup_epochs", "must be >= 0")
+    check(0.0 <= d["drw_beta"] < 1.0, "distill.drw_beta",
+          f"must be in [0, 1) (class weights (1 - beta) / (1 - beta^n)), got {d['drw_beta']}")
+    if d["teacher_input_size"] is not None:
+        check_input_size(d["teacher_input_size"], "distill.teacher_input_size")
+    check(0.0 <= m["drop_path"] < 1.0, "model.drop_path",
+          f"is a drop probability: must be in [0, 1), got {m['drop_path']}")
+    if m["img_size"] is not None:
+        check_input_size(m["img_size"], "model.img_size")
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        check(m[key] is None or m[key] >= 1, f"model.{key}", f"must be >= 1 (null: from the name), got {m[key]}")
+    check(m["mlp_ratio"] is None or m["mlp_ratio"] > 0, "model.mlp_ratio", f"must be > 0, got {m['mlp_ratio']}")
+    check(0.0 <= t["model_ema_decay"] <= 1.0, "train.model_ema_decay",
+          f"must be in [0, 1] (the EMA keeps decay x old + (1 - decay) x new), got {t['model_ema_decay']}")
+    check(known_optimizer(o["opt"]), "optim.opt",
+          f"unknown optimizer {o['opt']!r}: use a timm name (timm.optim.list_optimizers(), e.g. "
+          f"adamw, sgd, lamb), optionally as lookahead_<name>")
+    check(len(o["opt_betas"]) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0.0 <= b < 1.0 for b in o["opt_betas"]),
+          "optim.opt_betas", f"must be two numbers in [0, 1), like [0.9, 0.999], got {o['opt_betas']}")
+    check(o["opt_eps"] > 0, "optim.opt_eps", f"must be > 0, got {o['opt_eps']}")
+    check(o["weight_decay"] >= 0, "optim.weight_decay", f"must be >= 0, got {o['weight_decay']}")
+    check(o["clip_grad"] is None or o["clip_grad"] > 0, "optim.clip_grad",
+          f"must be > 0 (null: no clipping), got {o['clip_grad']}")
+    check(s["warmup_lr"] >= 0, "sched.warmup_lr", f"must be >= 0, got {s['warmup_lr']}")
+    check(s["min_lr"] >= 0, "sched.min_lr", f"must be >= 0, got {s['min_lr']}")
     if d["type"] != "none":
         check(d["teacher_ckpt"] is not None, "distill.teacher_ckpt",
               f"distill.type={d['type']} needs a teacher checkpoint (or use distill.type=none)")
         check(Path(d["teacher_ckpt"]).is_file(), "distill.teacher_ckpt",
               f"file not found: {d['teacher_ckpt']}")
+        if not str(d["teacher_ckpt"]).lower().endswith(".safetensors"):  # (read by safetensors)
+            try:  # its header only (not loaded): an empty, cut-short or foreign file stops here
+                check_torch_file(d["teacher_ckpt"])
+            except CheckpointError as e:
+                raise CheckpointError(f"distill.teacher_ckpt: {e}") from None
     check(not (d["type"] == "soft" and d["drw_epoch"] is not None), "distill.drw_epoch",
           "DRW weights apply to hard distillation only (the reference's weighted soft loss is a "
           "known bug); set distill.drw_epoch=null with distill.type=soft")
@@ -126,10 +159,12 @@ def validate(cfg: dict) -> None:
 
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
-    """DeiT's rule: lr x batch per process x processes / 512 (docs/recipe.md section 2)."""
+    """DeiT's rule: lr x batch per process x processes / 512 (docs/recipe.md section 2), with
+    the recipe's number of processes when ``train.recipe_processes`` is set."""
     t = cfg["train"]
-    factor = {"reference": t["batch_size"] * world_size / 512,
-              "with_accum": t["batch_size"] * world_size * t["accum_steps"] / 512,
+    processes = t["recipe_processes"] or world_size
+    factor = {"reference": t["batch_size"] * processes / 512,
+              "with_accum": t["batch_size"] * processes * t["accum_steps"] / 512,
               "none": 1.0}[cfg["optim"]["lr_scaling"]]
     return cfg["optim"]["lr"] * factor
 
@@ -170,15 +205,33 @@ def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
                  label_smoothing=aug["smoothing"], num_classes=num_classes)
 
 
-def build_base_criterion(mixup_active: bool, smoothing: float,
-                         class_weights: torch.Tensor | None = None) -> nn.Module:
-    """The CLS head's loss: soft-target CE on mixed targets; else label-smoothed CE, or plain
-    (optionally class-weighted) CE."""
+def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The CLS head's loss: soft-target CE on the mixed (label-smoothed) targets; without mixup
+    and cutmix plain, optionally class-weighted, CE, as the reference (docs/recipe.md section 2:
+    label smoothing only enters through the mixed targets)."""
     if mixup_active:
         return SoftTargetCrossEntropy()
-    if smoothing > 0 and class_weights is None:
-        return LabelSmoothingCrossEntropy(smoothing)
     return nn.CrossEntropyLoss(weight=class_weights)
+
+
+def print_schedule(cfg: dict) -> None:
+    """``--print-schedule``: one JSON line per epoch, without data or models: the lr at the
+    epoch's first optimiser step (the peak lr for ``train.recipe_processes``, else for the
+    ``WORLD_SIZE`` of the environment, 1 by default), whether DRW and mixup/cutmix are on."""
+    import json
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([param], lr=scaled_lr(cfg, world))
+    scheduler = build_scheduler(cfg, optimizer)
+    d, aug = cfg["distill"], cfg["aug"]
+    mixup = aug["mixup"] > 0 or aug["cutmix"] > 0
+    for epoch in range(cfg["train"]["epochs"]):
+        scheduler.step(epoch)  # what train_one_epoch does at the epoch's first step
+        drw = d["drw_epoch"] is not None and epoch >= d["drw_epoch"]
+        print(json.dumps({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "drw": drw,
+                          "mixup": mixup and not (drw and d["no_mixup_drw"])}))
 
 
 def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | None:
@@ -199,15 +252,17 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
-               class_weights=None, clip_grad=None, model_ema=None,
-               ema_decays: int = 1) -> dict[str, torch.Tensor]:
+               class_weights=None, clip_grad=None, model_ema=None, ema_decays: int = 1,
+               accum_steps: int | None = None) -> dict[str, torch.Tensor]:
     """One optimiser update of the student over ``window``, a list of ``(images, labels)``
     micro-batches (gradient accumulation), then the EMA update: ``ema_decays`` EMA updates
     towards the new weights (``len(window)`` is the reference's once-per-micro-batch cadence).
 
     Per micro-batch: mixup/cutmix on the device, the student's heads, ``criterion`` (the
     base loss on CLS, distillation on DIST: it calls the teacher on the mixed batch itself),
-    backward of loss / len(window) (gradients are all-reduced only at the last micro-batch).
+    backward of loss / ``accum_steps`` (default ``len(window)``; the reference divides by the
+    configured accumulation also in an epoch's shorter last window); gradients are all-reduced
+    only at the last micro-batch.
     Returns the mean loss terms over the window as detached device tensors (no host sync).
     """
     sums: dict[str, torch.Tensor] = {}
@@ -217,13 +272,15 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
         samples = samples.to(accelerator.device, non_blocking=True)
         targets = targets.to(accelerator.device, non_blocking=True)
         if mixup_fn is not None:
+            if len(samples) % 2:  # timm's Mixup needs an even batch: an odd last batch drops one image
+                samples, targets = samples[:-1], targets[:-1]
             samples, targets = mixup_fn(samples, targets)
         last = i == len(window) - 1
         with loop.no_sync(accelerator, model, sync=last):
             with accelerator.autocast():
                 outputs = model(samples)  # the heads' logits by name
                 loss, terms = criterion(samples, outputs, targets, class_weights=class_weights)
-            accelerator.backward(loss / len(window))
+            accelerator.backward(loss / (accum_steps or len(window)))
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums.get(name, 0.0) + value.detach() / len(window)
     if clip_grad:
@@ -242,7 +299,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     """One epoch of ``train_step``; returns the mean loss terms and lr, or None when preempted."""
     model.train()
     tcfg = cfg["train"]
-    accum = tcfg["accum_steps"]
+    accum = effective_accum(tcfg, accelerator.num_processes)
     num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
     monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
     ema_per_micro_batch = tcfg["model_ema_cadence"] == "micro_batch"
@@ -252,13 +309,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     for step, window in bar:
         # lr at fractional epochs, like the reference with accumulation (and without its
         # one-epoch lag when accumulation is 1: docs/recipe.md section 7, bug 8).
-        lr_scheduler.step(epoch + step / num_steps)
+        lr_scheduler.step(epoch + loop.epoch_fraction(step, accum, len(data_loader), num_steps))
         # Seeded after loading the window: mixup and drop path draw from the step's seed.
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
                            class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
-                           model_ema=model_ema, ema_decays=len(window) if ema_per_micro_batch else 1)
-        if monitor.after_step(step, terms):
+                           model_ema=model_ema, ema_decays=len(window) if ema_per_micro_batch else 1,
+                           accum_steps=accum)
+        if monitor.after_step(step, terms, lr=optimizer.param_groups[0]["lr"]):
             return None
         bar.set_postfix(loss=f"{monitor.mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return {**monitor.epoch_means(), "lr": optimizer.param_groups[0]["lr"], **loop.loss_scale_record(accelerator)}
@@ -302,20 +360,22 @@ def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg, dcfg = cfg["train"], cfg["distill"]
-    accelerator = build_accelerator(tcfg)
+    accelerator = build_accelerator(tcfg, **trackers.accelerator_kwargs(cfg))
     out = Path(tcfg["output_dir"])
-    resume_dir = run_folder.find_resume_state(out, cfg)
+    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg)
     seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
-    peak_lr = scaled_lr(cfg, world)
-    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {precision_summary(accelerator)} | effective batch "
-                      f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | peak lr {peak_lr:.3e}")
+    accum, peak_lr = effective_accum(tcfg, world), scaled_lr(cfg, world)
 
     # ------------------------------------------------------------------ data
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator)
     num_classes = dataset_train.num_classes
+    steps = loop.steps_per_epoch(len(data_loader_train), accum, tcfg["max_steps_per_epoch"])
+    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
+                      f"precision {precision_summary(accelerator)} | effective batch "
+                      f"{tcfg['batch_size'] * world * accum} ({tcfg['batch_size']} x {world} processes x "
+                      f"{accum} accumulation) | {steps} optimiser steps/epoch | peak lr {peak_lr:.3e}")
 
     # ------------------------------------------------------------------ model
     model, arch = build_model(cfg, num_classes)
@@ -335,16 +395,17 @@ def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ teacher and loss
     teacher, class_map, t_size = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator)
     mixup_fn = build_mixup(cfg, num_classes)
-    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"]),
+    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
                                  teacher, dcfg["type"], dcfg["alpha"], dcfg["tau"],
                                  teacher_input_size=t_size, class_map=class_map).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
     progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
 
-    def save_state(epoch: int, step: int) -> None:
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step},
-                                       model_ema)
+    def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
+        extra = {"pending": pending} if pending else {}
+        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+                                                          **extra}, model_ema)
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
         state = loop.full_state_dict(accelerator, model)
@@ -352,33 +413,10 @@ def main(cfg: dict) -> dict:
         return make_checkpoint("student", arch, state, ema_state=ema_state, epoch=epoch,
                                config=cfg, metrics=mets, dataset=dataset_train)
 
-    # ------------------------------------------------------------------ train
-    preemption = run_folder.Preemption()
-    heads = output_names(model)
-    metrics = progress.get("last_metrics")
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
-        start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
-        class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
-        drw = class_weights is not None
-        if drw:
-            class_weights = class_weights.to(accelerator.device)
-        epoch_mixup = mixup_fn
-        criterion.base_criterion = build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"])
-        if drw and dcfg["no_mixup_drw"]:  # CIFAR recipe: plain CE on hard labels from DRW on
-            epoch_mixup = None
-            criterion.base_criterion = build_base_criterion(
-                False, 0.0, class_weights if dcfg["weighted_cls"] else None)
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
-            lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
-            model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
-            preemption=preemption, save_fn=save_state)
-        if stats is None:
-            accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
-            return {"preempted": True}
-        last = epoch + 1 == tcfg["epochs"]
-        if (epoch + 1) % tcfg["eval_every"] == 0 or last:
+    def finish_epoch(record: dict) -> dict | None:
+        """Evaluate (when due), log and checkpoint an epoch whose training state is saved."""
+        epoch, metrics = record["epoch"], None
+        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
             metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, student_outputs,
                                             dataset_train.groups, num_classes, cfg["log"]["progress"])
             if tcfg["eval_ema"] and model_ema is not None:  # the same EMA on every process
@@ -388,16 +426,54 @@ def main(cfg: dict) -> dict:
                                                     cfg["log"]["progress"])
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
             accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line({k: metrics[k] for k in heads})}")
-        record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
-                  **{f"train_{k}": v for k, v in stats.items()}}
         run_folder.epoch_end(accelerator, out, progress, record, metrics,
                              lambda mets: checkpoint(epoch, mets), key=heads[-1])
-        save_state(epoch + 1, 0)
+        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
+        return metrics
+
+    # ------------------------------------------------------------------ train
+    trackers.start(accelerator, cfg, run_name=out.name)
+    preemption = run_folder.Preemption()
+    heads = output_names(model)
+    metrics = progress.get("last_metrics")
+    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(progress.pop("pending"))
+    for epoch in range(progress["epoch"], tcfg["epochs"]):
+        start = time.time()
+        class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
+        drw = class_weights is not None
+        if drw:
+            class_weights = class_weights.to(accelerator.device)
+        epoch_mixup = mixup_fn
+        criterion.base_criterion = build_base_criterion(mixup_fn is not None)
+        if drw and dcfg["no_mixup_drw"]:  # CIFAR recipe: plain CE on hard labels from DRW on
+            epoch_mixup = None
+            criterion.base_criterion = build_base_criterion(
+                False, class_weights if dcfg["weighted_cls"] else None)
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
+            lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
+            model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
+            preemption=preemption, save_fn=save_state)
+        if stats is None:
+            accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
+            trackers.finish(accelerator)
+            return {"preempted": True}
+        record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
+                  **{f"train_{k}": v for k, v in stats.items()}}
+        save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
+        metrics = finish_epoch(record)
     accelerator.print(f"done: best {heads[-1]} top-1 {progress['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
+    trackers.finish(accelerator)
     accelerator.end_training()
+    lock.release()
     return {"metrics": metrics, "best": progress["best"]}
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate)))
+    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
+        "--print-schedule": ("print one JSON line per epoch (epoch, lr, drw, mixup) and exit, "
+                             "without data or models", print_schedule)})))

@@ -3,7 +3,7 @@
     accelerate launch train_teacher.py --config configs/teachers/cifar10_lt_ldam_drw_sam.yaml
 
 The reference ships no teacher training code; this script follows the published recipes
-(docs/recipe.md section 3). Defaults reproduce the LDAM-DRW + SAM CIFAR-10-LT IF100 teacher:
+(docs/recipe.md section 4). Defaults reproduce the LDAM-DRW + SAM CIFAR-10-LT IF100 teacher:
 ResNet-32 with a cosine (NormedLinear) head, LDAM margins (max 0.5, s 30), SGD lr 0.1 with
 5 warm-up epochs and x0.01 decays at epochs 160 and 180, DRW from epoch 160, SAM rho 0.8,
 batch 128, wd 2e-4, 200 epochs. The checkpoint it writes loads as a teacher in
@@ -11,6 +11,7 @@ train_student.py (``distill.teacher_ckpt``) and in evaluate.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -24,9 +25,9 @@ from tqdm.auto import tqdm
 from data import AUG_SPEC, DATA_SPEC
 from data.paco_views import paco_transform
 from data.transforms import NORMALIZATION
-from engine import loop, metrics as eval_metrics, run_folder
+from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator, precision_summary
-from engine.run_config import LOG_SPEC, RUN_SPEC, validate_run
+from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import ConfigError, run_main
 from losses.drw import drw_weights
@@ -43,9 +44,11 @@ from utils import Nullable, check, git_sha, load_config, with_defaults
 SPEC = {
     # Native 32x32 CIFAR: the LDAM recipe's RandomCrop(32, 4) + flip + CIFAR normalisation.
     "data": with_defaults(DATA_SPEC, input_size=32),
+    # No colour jitter: the published CIFAR teachers use crop, flip, normalise only (timm's
+    # create_transform would add ColorJitter(0.3) whenever RandAugment is off).
     "aug": with_defaults(AUG_SPEC, train_crop="pad_crop", aa=None, reprob=0.0, normalize="cifar",
                           eval_crop_ratio=1.0, repeated_aug=False, mixup=0.0, cutmix=0.0,
-                          smoothing=0.0),
+                          smoothing=0.0, color_jitter=0.0),
     "model": {
         "arch": ("resnet32", "resnet32 (CIFAR, option-A shortcuts), resnet50, or any timm CNN"),
         "head": ("normed", "'normed': cosine NormedLinear head (LDAM); 'linear': plain linear",
@@ -79,12 +82,19 @@ SPEC = {
         "rho_schedule": (None, "per-epoch rho as [[start_epoch, rho], ...] (ImageNet recipe: "
                          "[[0, 0.05], [5, 0.1], [60, 0.5]]); overrides rho", list),
         "adaptive": (False, "adaptive SAM (ASAM): perturbation scaled by |w|"),
+        "sam_bn": ("both", "BatchNorm running statistics with SAM: 'both': updated in both passes "
+                   "(the published Saddle-LongTail teachers); 'first_pass': only in the first, at the "
+                   "real weights", ("both", "first_pass")),
         "clip_grad": (None, "clip the gradient norm to this value (null: none)", float),
     },
     "sched": {
         "sched": ("step", "'step': warm-up then x gamma at each milestone (LDAM recipe); "
                   "'cosine': warm-up then cosine to min_lr (ImageNet recipe)", ("step", "cosine")),
         "warmup_epochs": (5, "linear warm-up epochs: lr x (epoch+1)/warmup as the LDAM code"),
+        "warmup_inclusive": (False, "warm up while epoch <= warmup_epochs (PaCo's CIFAR code: its "
+                             "last warm-up epoch runs at (w+1)/w x lr); false: epoch < warmup_epochs"),
+        "per_epoch": (False, "cosine: change the lr once per epoch (the published ImageNet-LT / iNat "
+                      "teachers) instead of every step"),
         "milestones": ([160, 180], "epochs (0-based) where the lr is multiplied by gamma"),
         "gamma": (0.01, "lr factor at each milestone (0.01 then 0.0001 overall)"),
         "min_lr": (0.0, "cosine floor"),
@@ -99,28 +109,80 @@ SPEC = {
 
 def validate(cfg: dict) -> None:
     validate_run(cfg)
-    o, s = cfg["optim"], cfg["sched"]
+    o, s, lcfg, epochs = cfg["optim"], cfg["sched"], cfg["loss"], cfg["train"]["epochs"]
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
-    check(all(isinstance(m, int) for m in s["milestones"]), "sched.milestones", "must be integers")
+    check(all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]),
+          "sched.milestones", "must be integers")
+    if s["sched"] == "step":  # (cosine ignores the milestones)
+        late = [m for m in s["milestones"] if not 0 <= m <= epochs]
+        check(not late, "sched.milestones",
+              f"{late} lie outside [0, train.epochs={epochs}]: the lr would never decay there "
+              f"(set the milestones for this number of epochs, e.g. sched.milestones=[...])")
+    if lcfg["drw_epoch"] is not None:
+        check(0 <= lcfg["drw_epoch"] <= epochs, "loss.drw_epoch",
+              f"must be in [0, train.epochs={epochs}] (null: never), got {lcfg['drw_epoch']}")
+    check(s["gamma"] > 0, "sched.gamma", f"must be > 0, got {s['gamma']}")
+    check(s["min_lr"] >= 0, "sched.min_lr", f"must be >= 0, got {s['min_lr']}")
+    if s.get("warmup_inclusive"):
+        check(s["warmup_epochs"] >= 1, "sched.warmup_inclusive",
+              "needs sched.warmup_epochs >= 1 (the warm-up divides by it)")
+    check(0.0 <= o["momentum"] < 1.0, "optim.momentum", f"must be in [0, 1), got {o['momentum']}")
+    check(not o["nesterov"] or o["momentum"] > 0, "optim.nesterov", "Nesterov needs optim.momentum > 0")
+    check(o["weight_decay"] >= 0, "optim.weight_decay", f"must be >= 0, got {o['weight_decay']}")
+    check(o["clip_grad"] is None or o["clip_grad"] > 0, "optim.clip_grad",
+          f"must be > 0 (null: no clipping), got {o['clip_grad']}")
+    check(0.0 <= lcfg["drw_beta"] < 1.0, "loss.drw_beta",
+          f"must be in [0, 1) (class weights (1 - beta) / (1 - beta^n)), got {lcfg['drw_beta']}")
+    check(lcfg["max_m"] > 0, "loss.max_m", f"must be > 0, got {lcfg['max_m']}")
+    check(lcfg["s"] > 0, "loss.s", f"must be > 0, got {lcfg['s']}")
+    check(lcfg["paco_temperature"] > 0, "loss.paco_temperature", f"must be > 0, got {lcfg['paco_temperature']}")
+    check(lcfg["paco_dim"] >= 1, "loss.paco_dim", f"must be >= 1, got {lcfg['paco_dim']}")
+    check(lcfg["paco_queue"] >= 1, "loss.paco_queue", f"must be >= 1, got {lcfg['paco_queue']}")
+    check(0.0 <= lcfg["paco_momentum"] <= 1.0, "loss.paco_momentum",
+          f"is an EMA decay: must be in [0, 1], got {lcfg['paco_momentum']}")
     if cfg["loss"]["type"] == "paco":
         check(cfg["loss"]["drw_epoch"] is None, "loss.drw_epoch",
               "PaCo re-balances with its log class prior: set loss.drw_epoch=null")
         check(cfg["model"]["head"] == "linear", "model.head", "PaCo's classifier is linear")
     if o["rho_schedule"] is not None:
-        check(all(isinstance(p, list) and len(p) == 2 for p in o["rho_schedule"]),
-              "optim.rho_schedule", "must be a list of [start_epoch, rho] pairs")
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check(all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                  and p[0] >= 0 and number(p[1]) and p[1] >= 0 for p in o["rho_schedule"]),
+              "optim.rho_schedule", "must be a list of [start_epoch, rho] pairs (start_epoch an "
+              "integer >= 0, rho a number >= 0)")
 
 
 def learning_rate(cfg: dict, epoch: float) -> float:
-    """The LDAM code's per-epoch rule (step) or warm-up + cosine per step (cosine)."""
+    """The teacher's lr at (fractional) ``epoch`` (docs/recipe.md section 4).
+
+    Warm-up: ``lr x (e + 1) / warmup`` for whole epochs ``e < warmup`` (the LDAM code), or
+    ``e <= warmup`` with ``sched.warmup_inclusive`` (PaCo's CIFAR code). Then 'step': x gamma
+    at each milestone; 'cosine': from lr to min_lr over the remaining epochs, every step or,
+    with ``sched.per_epoch``, once per epoch.
+    """
     s, base = cfg["sched"], cfg["optim"]["lr"]
     whole = int(epoch)
-    if whole < s["warmup_epochs"]:
+    if whole < s["warmup_epochs"] or (s["warmup_inclusive"] and whole <= s["warmup_epochs"]):
         return base * (whole + 1) / s["warmup_epochs"]
     if s["sched"] == "step":
         return base * s["gamma"] ** sum(whole >= m for m in s["milestones"])
-    progress = (epoch - s["warmup_epochs"]) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"])
+    t = whole if s["per_epoch"] else epoch
+    progress = (t - s["warmup_epochs"]) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"])
     return s["min_lr"] + 0.5 * (base - s["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def print_schedule(cfg: dict) -> None:
+    """``--print-schedule``: one JSON line per epoch, without data or models: the lr at the
+    epoch's first optimiser step, whether DRW is on, and rho when SAM is on."""
+    o, lcfg = cfg["optim"], cfg["loss"]
+    for epoch in range(cfg["train"]["epochs"]):
+        line = {"epoch": epoch, "lr": learning_rate(cfg, epoch),
+                "drw": lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]}
+        if o["sam"]:
+            line["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
+        print(json.dumps(line))
 
 
 def compute_loss(model, criterion, images, targets, keys=None):
@@ -140,20 +202,23 @@ def _skip_overflowed_update(accelerator) -> None:
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, sam: bool,
-               clip_grad: float | None = None) -> dict[str, torch.Tensor]:
+               clip_grad: float | None = None, accum_steps: int | None = None,
+               sam_bn_first_pass_only: bool = False) -> dict[str, torch.Tensor]:
     """One optimiser update of the teacher over ``window`` (micro-batches of one update).
 
     Pass 1: the gradient at w, accumulated over the window (all-reduced at its last
     micro-batch). With SAM, pass 2: perturb w along that (global) gradient, recompute the
     gradient there over the same window, restore w; the SGD step then uses pass 2's gradient.
-    BatchNorm statistics are updated only in pass 1 (``disable_running_stats``), so the running
-    stats describe the real weights. Gradients are clipped once per update.
+    BatchNorm running statistics are updated in both passes, as the published teachers, or
+    only in pass 1 (``sam_bn_first_pass_only``: ``optim.sam_bn=first_pass``), so that they
+    describe the real weights. Gradients are clipped once per update.
 
     fp16 (a GradScaler on the accelerator): SAM's direction does not depend on the loss scale,
     so pass 1's scaled gradient perturbs w as it is; an overflow there skips the update and
     lowers the scale; pass 2 goes through the scaler as any step does (unscale, clip, skip on
     inf, update the scale). PaCo: the key encoder's momentum update before, the queue after,
-    once per update whatever SAM does. Returns the loss terms (detached, no host sync).
+    once per update whatever SAM does. Losses are divided by ``accum_steps`` (default
+    ``len(window)``). Returns the loss terms (detached, no host sync).
     """
     paco = isinstance(criterion, PaCoLoss)
     if paco:  # once per update: the key encoder follows the real weights, never w + e
@@ -167,7 +232,7 @@ def train_step(model, criterion, window, optimizer, accelerator, *, sam: bool,
                 with accelerator.autocast():
                     loss, k = compute_loss(model, criterion, images, targets,
                                            None if keys is None else keys[i])
-                accelerator.backward(loss / len(window))
+                accelerator.backward(loss / (accum_steps or len(window)))
             terms[name] = terms.get(name, 0.0) + loss.detach() / len(window)
             new_keys.append(k)
         return new_keys
@@ -179,7 +244,8 @@ def train_step(model, criterion, window, optimizer, accelerator, *, sam: bool,
         if not base.first_step(zero_grad=True, skip_non_finite=accelerator.scaler is not None):
             _skip_overflowed_update(accelerator)
             return {**terms, **loop.skipped_term(accelerator, optimizer, skipped=True)}
-        disable_running_stats(model)
+        if sam_bn_first_pass_only:
+            disable_running_stats(model)
         accumulate("loss_perturbed", keys)
         enable_running_stats(model)
         base.restore()
@@ -199,7 +265,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     """One epoch of ``train_step``; returns the mean loss and lr, or None when preempted."""
     model.train()
     tcfg, o = cfg["train"], cfg["optim"]
-    accum = tcfg["accum_steps"]
+    accum = effective_accum(tcfg, accelerator.num_processes)
     num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
     monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
     bar = tqdm(loop.windows(data_loader, accum, num_steps, start_step), total=num_steps - start_step,
@@ -207,15 +273,16 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
     lr = learning_rate(cfg, epoch)
     for step, window in bar:
-        lr = learning_rate(cfg, epoch + step / num_steps)
+        lr = learning_rate(cfg, epoch + loop.epoch_fraction(step, accum, len(data_loader), num_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
             group["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         window = [loop.to_device(batch, accelerator.device) for batch in window]
         terms = train_step(model, criterion, window, optimizer, accelerator, sam=o["sam"],
-                           clip_grad=o["clip_grad"])
-        if monitor.after_step(step, terms):
+                           clip_grad=o["clip_grad"], accum_steps=accum,
+                           sam_bn_first_pass_only=o["sam_bn"] == "first_pass")
+        if monitor.after_step(step, terms, lr=lr):
             return None
         bar.set_postfix(loss=f"{monitor.mean_loss:.4f}", lr=f"{lr:.2e}")
     return {**monitor.epoch_means(), "lr": lr, **loop.loss_scale_record(accelerator)}
@@ -228,17 +295,15 @@ def teacher_outputs(model, images):
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg = cfg["train"]
-    accelerator = build_accelerator(tcfg)
+    accelerator = build_accelerator(tcfg, **trackers.accelerator_kwargs(cfg))
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("train_teacher.py: teachers are small CNNs trained with DDP; launch it "
                           "without an FSDP accelerate config (FSDP is for the student)")
     out = Path(tcfg["output_dir"])
-    resume_dir = run_folder.find_resume_state(out, cfg)
+    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg)
     seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
-    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {precision_summary(accelerator)} | effective batch "
-                      f"{tcfg['batch_size'] * world * tcfg['accum_steps']} | lr {cfg['optim']['lr']}")
+    accum = effective_accum(tcfg, world)
 
     # ------------------------------------------------------------------ data
     paco_views = (paco_transform(cfg["data"], cfg["data"]["dataset"], NORMALIZATION[cfg["aug"]["normalize"]])
@@ -246,6 +311,11 @@ def main(cfg: dict) -> dict:
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator, train_transform=paco_views)
     counts = dataset_train.train_counts
+    steps = loop.steps_per_epoch(len(data_loader_train), accum, tcfg["max_steps_per_epoch"])
+    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
+                      f"precision {precision_summary(accelerator)} | effective batch "
+                      f"{tcfg['batch_size'] * world * accum} ({tcfg['batch_size']} x {world} processes x "
+                      f"{accum} accumulation) | {steps} optimiser steps/epoch | lr {cfg['optim']['lr']}")
 
     # ------------------------------------------------------------------ model, loss, optimiser
     m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]
@@ -280,19 +350,38 @@ def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ resume
     progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
 
-    def save_state(epoch: int, step: int) -> None:
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+    def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
+        extra = {"pending": pending} if pending else {}
+        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+                                                          **extra})
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
         state = loop.full_state_dict(accelerator, model)
         return make_checkpoint("teacher", arch, state, epoch=epoch, config=cfg, metrics=mets,
                                dataset=dataset_train)  # a PaCo model is stored as its plain teacher
 
+    def finish_epoch(record: dict) -> dict | None:
+        """Evaluate (when due), log and checkpoint an epoch whose training state is saved."""
+        epoch, metrics = record["epoch"], None
+        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
+            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, teacher_outputs,
+                                            dataset_train.groups, dataset_train.num_classes,
+                                            cfg["log"]["progress"])
+            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
+        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+                             lambda mets: checkpoint(epoch, mets), key="logits")
+        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
+        return metrics
+
     # ------------------------------------------------------------------ train
+    trackers.start(accelerator, cfg, run_name=out.name)
     preemption = run_folder.Preemption()
     metrics = progress.get("last_metrics")
+    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(progress.pop("pending"))
     for epoch in range(progress["epoch"], tcfg["epochs"]):
-        start, metrics = time.time(), None  # log and checkpoint only this epoch's evaluation
+        start = time.time()
         weight = drw_weights(counts, epoch, lcfg["drw_epoch"], lcfg["drw_beta"])  # None before DRW
         drw = weight is not None
         if drw:
@@ -308,21 +397,20 @@ def main(cfg: dict) -> dict:
                                 preemption=preemption, save_fn=save_state)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
+            trackers.finish(accelerator)
             return {"preempted": True}
-        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
-            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, teacher_outputs,
-                                            dataset_train.groups, dataset_train.num_classes,
-                                            cfg["log"]["progress"])
-            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}
-        run_folder.epoch_end(accelerator, out, progress, record, metrics,
-                             lambda mets: checkpoint(epoch, mets), key="logits")
-        save_state(epoch + 1, 0)
+        save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
+        metrics = finish_epoch(record)
     accelerator.print(f"done: best top-1 {progress['best']}")
+    trackers.finish(accelerator)
     accelerator.end_training()
+    lock.release()
     return {"metrics": metrics, "best": progress["best"]}
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate)))
+    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
+        "--print-schedule": ("print one JSON line per epoch (epoch, lr, drw, rho) and exit, "
+                             "without data or models", print_schedule)})))

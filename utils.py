@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from errors import ConfigError
+from errors import ConfigError, ProjectError
 
 
 class Nullable:
@@ -81,14 +83,19 @@ def coerce(key: str, value: Any, kind, optional: bool) -> Any:
     if kind is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan / inf pass every `x > 0` style check unnoticed
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -130,22 +137,110 @@ def merge(cfg: dict, updates: dict, types: dict, origin: str) -> None:
             cfg[section][key] = coerce(full, value, kind, optional)
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a config file; ``_base_: other.yaml`` (relative to the file) is merged first."""
+_INT, _FLOAT, _TIMESTAMP = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                            "tag:yaml.org,2002:timestamp")
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (raised while constructing; one line)."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for config files and command-line values, with two YAML 1.1 traps
+    closed:
+
+    - a key (or section) given twice is an error naming it and both lines; PyYAML keeps the
+      last one silently (a second ``train:`` section would drop the first);
+    - tokens that YAML 1.1 reads as octal (``010`` -> 8) or sexagesimal (``1:30`` -> 90)
+      integers or floats, and dates (``2024-01-01``), stay strings: ``output_dir: 010`` is the
+      folder '010'. Decimal, ``0x`` and ``0b`` integers and decimal floats resolve as usual.
+    """
+
+    def construct_document(self, node):
+        # The section of each second-level mapping, to name a duplicate key as section.key.
+        self._config_root = node
+        self._section_of = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and isinstance(value_node, yaml.MappingNode):
+                    self._section_of[id(value_node)] = key_node.value
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeConstructor reports the unhashable key itself
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    if node is getattr(self, "_config_root", None):
+                        what = f"section {key!r}"
+                    else:
+                        section = getattr(self, "_section_of", {}).get(id(node))
+                        what = f"key {f'{section}.{key}' if section is not None else key!r}"
+                    raise _DuplicateKeyError(
+                        f"duplicate {what} at lines {first_line[key]} and {line} (YAML would "
+                        f"silently keep only the last one; merge them)")
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT, _TIMESTAMP)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(  # PyYAML's int rule without octal 0[0-7]+ and base 60
+    _INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+                    |[-+]?(?:0|[1-9][0-9_]*)
+                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(  # PyYAML's float rule without base 60
+    _FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml_text(stream) -> Any:
+    """Parse YAML text or a file object with ``ConfigLoader`` (see there)."""
+    return yaml.load(stream, Loader=ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def read_yaml(path: str | os.PathLike, _chain: tuple = ()) -> dict:
+    """Read a config file; ``_base_: other.yaml`` (relative to the file) is merged first.
+
+    Duplicate keys or sections, a ``_base_`` that is not a file name and ``_base_`` cycles are
+    ConfigErrors naming the file (and the lines or the cycle)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (the _base_ of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(resolved):], resolved))
+        raise ConfigError(f"{path}: _base_ cycle: {cycle}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml_text(f) or {}
+        except _DuplicateKeyError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+            raise ConfigError(f"{where}: not valid YAML: {problem or e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("_base_", None)
     if base is None:
         return data
-    merged = read_yaml(path.parent / base)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: _base_ must name a YAML file (a string, relative to this "
+                          f"file), got {base!r}")
+    merged = read_yaml(path.parent / base, (*_chain, resolved))
     for section, leaves in data.items():
         if isinstance(leaves, dict) and isinstance(merged.get(section), dict):
             merged[section].update(leaves)
@@ -161,10 +256,20 @@ def parse_override(text: str) -> dict:
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml_text(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return {section: {key: value}}
+
+
+def _merge_layer(cfg: dict, updates: dict, types: dict, origin: str) -> None:
+    """``merge``; a bad value read from a file (not typed) also names where it was read."""
+    try:
+        merge(cfg, updates, types, origin)
+    except ConfigError as e:
+        if origin == "command line" or str(e).startswith(origin):
+            raise
+        raise ConfigError(f"{e} (read from {origin})") from None
 
 
 def format_help(spec: dict) -> str:
@@ -217,7 +322,7 @@ def parse_config(spec: dict, argv: list[str] | None = None, description: str = "
     for origin, updates in (base_layers(args) if base_layers is not None else []):
         known = {section: {k: v for k, v in (leaves or {}).items() if f"{section}.{k}" in types}
                  for section, leaves in updates.items() if section in cfg and isinstance(leaves, dict)}
-        merge(cfg, known, types, origin)
+        _merge_layer(cfg, known, types, origin)
     layers = []
     if args.config:
         updates = read_yaml(args.config)
@@ -227,7 +332,7 @@ def parse_config(spec: dict, argv: list[str] | None = None, description: str = "
     layers += [("command line", parse_override(text)) for text in args.overrides]
     args.explicit_keys = set()
     for origin, updates in layers:
-        merge(cfg, updates, types, origin)
+        _merge_layer(cfg, updates, types, origin)
         args.explicit_keys |= {f"{s}.{k}" for s, leaves in updates.items() for k in leaves}
     if validate is not None and not args.print_config:
         validate(cfg)
@@ -239,17 +344,37 @@ def print_config(cfg: dict) -> None:
 
 
 def load_config(spec: dict, argv: list[str] | None = None, description: str = "",
-                validate=None, other_sections_ok: bool = False) -> dict:
+                validate=None, other_sections_ok: bool = False, actions: dict | None = None) -> dict:
     """``parse_config`` for a training script: a config error exits with status 2 and one
-    line naming the key; ``--print-config`` prints the YAML and exits."""
+    line naming the key; ``--print-config`` prints the YAML and exits.
+
+    ``actions``: ``{"--flag": (help, fn)}``, flags that print something about the resolved
+    config and exit 0 instead of training (``--print-schedule``); like ``--print-config``
+    they skip the checks that need files.
+    """
+    actions = actions or {}
+
+    def add_arguments(parser):
+        for flag, (help_text, _) in actions.items():
+            parser.add_argument(flag, action="store_true", help=help_text)
+
     try:
-        cfg, args = parse_config(spec, argv, description, validate,
+        cfg, args = parse_config(spec, argv, description, None, add_arguments=add_arguments,
                                  other_sections_ok=other_sections_ok)
+        chosen = [fn for flag, (_, fn) in actions.items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
+        if validate is not None and not (args.print_config or chosen):
+            validate(cfg)
+        for fn in chosen:
+            fn(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ProjectError as e:  # a validate() that looked at a named file (a teacher checkpoint)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.print_config:
         print_config(cfg)
+    if args.print_config or chosen:
         sys.exit(0)
     return cfg
 

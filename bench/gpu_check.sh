@@ -216,7 +216,8 @@ teacher_run() {  # teacher_run NAME PRECISION
     # shellcheck disable=SC2046
     step "$1" train "$CAP_TEACHER" --out-dir "$out" "${note[@]}" -- $(launch "$DDP_CFG" "$2") \
         train_teacher.py --config configs/teachers/cifar10_lt_ldam_drw_sam.yaml "${COMMON[@]}" \
-        optim.sam=true "train.batch_size=$T_BATCH" "train.max_steps_per_epoch=$T_STEPS" \
+        optim.sam=true loss.drw_epoch=0 "sched.milestones=[]" \
+        "train.batch_size=$T_BATCH" "train.max_steps_per_epoch=$T_STEPS" \
         "train.mixed_precision=$2" "train.output_dir=$out"
 }
 teacher_run teacher_bf16_ddp bf16

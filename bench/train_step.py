@@ -201,7 +201,7 @@ def build_mode(mode: Mode, cfg: dict, teacher: nn.Module | None, accelerator,
             teacher, _ = fold_batchnorm(teacher)
         if not mode.teacher_channels_last:
             teacher = ContiguousInput(teacher)
-    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, cfg["aug"]["smoothing"]),
+    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
                                  teacher, d["type"], d["alpha"], d["tau"], teacher_input_size=size)
     if teacher is not None and not mode.teacher_channels_last:
         # DistillationLoss made the weights channels-last; the baseline keeps them NCHW.

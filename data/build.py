@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .groups import REFERENCE_RANGES, class_groups
+from .groups import check_group_config, class_groups, group_rule
 from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
 from .sources import load_source
 from errors import DataError
+from utils import check
 
 DATA_SPEC = {
     "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
@@ -47,11 +48,69 @@ DATA_SPEC = {
     "val_list": (None, "ImageNet-LT / iNat evaluation split file", str),
     "groups": ("reference", "head/mid/tail: the reference's class-index ranges or the count rule "
                             "(many > 100, few < 20 training images)", ("reference", "count")),
+    "group_thresholds": (None, "[many, few] of the count rule: head = classes with more than many "
+                               "training images, tail = fewer than few; null = [100, 20] (the "
+                               "literature's); used with groups=count, or generic without "
+                               "group_boundaries", list),
+    "group_boundaries": (None, "[c0, c1] class indices on the frequency-sorted classes for "
+                               "groups=reference: head [0, c0), mid [c0, c1), tail [c1, C); null = "
+                               "the benchmark's reference ranges (generic has none: count rule)", list),
     "val_holdout": (0.0, "fraction of each class's LT training images held out as the validation split; "
                          "0 = evaluate on val_split like the reference", float),
     "num_workers": (2, "DataLoader worker processes"),
     "input_size": (224, "model input resolution; the transforms resize / crop to it"),
 }
+
+# The largest input resolution accepted anywhere (data.input_size, a teacher checkpoint's stored
+# data.input_size, distill/eval.teacher_input_size, model.img_size). 4096 is several times the
+# largest resolution published CNNs and ViTs are trained or tested at (ImageNet models: 224-600,
+# a few 800), while one 3 x 4096 x 4096 float image is already 200 MB (a batch of 128: 26 GB):
+# anything above is a typo or a corrupt or hostile file, and refusing it up front keeps
+# evaluate.py from resizing every image to 100000 x 100000 and a run from allocating a
+# gigantic teacher input or position embedding.
+MAX_INPUT_SIZE = 4096
+# Keys naming a file, folder, hub dataset, column or split: null means "the default", an empty
+# string is always a mistake (data.path='' would read the current folder as a dataset).
+_NAME_KEYS = ("path", "hub_name", "image_column", "label_column", "train_split", "val_split",
+              "root", "train_list", "val_list")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_input_size(value, key: str) -> None:
+    """ConfigError naming ``key`` unless ``value`` is a whole number of pixels in
+    [1, MAX_INPUT_SIZE]."""
+    check(_is_int(value) and 1 <= value <= MAX_INPUT_SIZE, key,
+          f"must be a whole number of pixels in [1, {MAX_INPUT_SIZE}], got {value!r}")
+
+
+def validate_data_config(d: dict) -> None:
+    """Range checks of the ``data`` section (ConfigError naming the key), for values typed on
+    the command line and values read from files (a config, a checkpoint's stored config) alike.
+    Missing keys are skipped (a partial section falls back to DATA_SPEC's defaults)."""
+    if d.get("input_size") is not None:
+        check_input_size(d["input_size"], "data.input_size")
+    if d.get("imb_factor") is not None:
+        check(0.0 < float(d["imb_factor"]) <= 1.0, "data.imb_factor",
+              f"must be in (0, 1] (n_min / n_max), got {d['imb_factor']}")
+    if d.get("val_holdout") is not None:
+        check(0.0 <= float(d["val_holdout"]) < 1.0, "data.val_holdout",
+              f"must be in [0, 1), got {d['val_holdout']}")
+    if "num_workers" in d:
+        check(_is_int(d["num_workers"]) and d["num_workers"] >= 0, "data.num_workers",
+              f"must be an integer >= 0, got {d['num_workers']!r}")
+    if "subset_seed" in d:  # numpy's RandomState takes seeds in [0, 2**32)
+        check(_is_int(d["subset_seed"]) and 0 <= d["subset_seed"] < 2**32, "data.subset_seed",
+              f"must be an integer in [0, 2**32), got {d['subset_seed']!r}")
+    for key in _NAME_KEYS:
+        value = d.get(key)
+        if isinstance(value, str):
+            check(value.strip() != "", f"data.{key}",
+                  "must not be empty (null means the default"
+                  + ("; an empty path would read the current folder)" if key == "path" else ")"))
+
 
 CIFAR = ("cifar10_lt", "cifar100_lt")
 # Classes of each named benchmark, known without loading it (benchmarks, schedule previews).
@@ -107,6 +166,8 @@ def resolve_data_config(data_cfg: dict) -> dict:
         raise DataError(f"data.val_holdout must be in [0, 1), got {cfg['val_holdout']}")
     if cfg["dataset"] not in DATA_SPEC["dataset"][2]:
         raise DataError(f"data.dataset={cfg['dataset']!r} is not one of {DATA_SPEC['dataset'][2]}")
+    validate_data_config(cfg)
+    check_group_config(cfg["groups"], cfg["group_thresholds"], cfg["group_boundaries"], cfg["dataset"])
     return cfg
 
 
@@ -189,12 +250,11 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
 
     # ---- 5. counts of the training set actually used, and groups
     train_counts = np.bincount(targets, minlength=num_classes).tolist()
-    groups = class_groups(dataset, train_counts, cfg["groups"])
-    rule = cfg["groups"]
-    if rule == "reference" and dataset not in REFERENCE_RANGES:
-        rule = "count: generic has no reference ranges"
+    group_args = (cfg["groups"], cfg["group_thresholds"], cfg["group_boundaries"])
+    groups = class_groups(dataset, train_counts, *group_args)
+    rule = group_rule(dataset, num_classes, *group_args)  # in words, e.g. "reference ranges [3, 7)"
     expected = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}.get(dataset)
-    if cfg["groups"] == "reference" and expected not in (None, num_classes):
+    if cfg["groups"] == "reference" and cfg["group_boundaries"] is None and expected not in (None, num_classes):
         _log(f"WARNING: the reference's group ranges assume {expected} classes, this dataset has "
              f"{num_classes}: ranges clipped")
     common = dict(num_classes=num_classes, class_names=class_names, train_counts=train_counts,
@@ -204,7 +264,8 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
     dataset_train.source_order_note = order_note  # how the CIFAR subset's row order was chosen
     dataset_val = LongTailDataset(val_source, val_rows, val_targets, split=val_split,
                                   transform=eval_transform, **common)
+    dataset_train.group_rule = dataset_val.group_rule = rule  # the groups' rule in words
     _log(f"{dataset}: {num_classes} classes, {len(dataset_train)} training images (max {max(train_counts)}, "
-         f"min {min(train_counts)}), {len(dataset_val)} evaluation images; groups ({rule}) "
+         f"min {min(train_counts)}), {len(dataset_val)} evaluation images; groups by {rule}: "
          + ", ".join(f"{k} {len(v)}" for k, v in groups.items()))
     return dataset_train, dataset_val

@@ -7,7 +7,7 @@ CIFAR-LT
     query: RandomCrop(32, pad 4), flip, AutoAugment (CIFAR-10 policy), ToTensor, Cutout(1 hole,
            16 px), Normalize(CIFAR mean/std)
     key:   RandomResizedCrop(32, scale 0.2-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) w.p. 0.8,
-           RandomGrayscale(0.2), GaussianBlur(sigma 0.1-2) w.p. 0.2, ToTensor, Normalize
+           RandomGrayscale(0.2), GaussianBlur(sigma 0.1-2) w.p. 0.5, ToTensor, Normalize
 ImageNet-LT / iNat
     query: RandomResizedCrop(224, scale 0.08-1), flip, ColorJitter(0.4, 0.4, 0.4, 0),
            RandAugment 'rand-n2-m10-mstd0.5' (translate 45% of 224, fill = ImageNet mean),
@@ -121,7 +121,7 @@ def _cifar_views(size: int, mean_std) -> TwoViews:
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.2),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),  # PaCo/LT/paco_cifar.py (docs/recipe.md section 4)
         T.ToTensor(),
         normalize,
     ])

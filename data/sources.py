@@ -30,8 +30,43 @@ IMAGE_COLUMNS = {"cifar10_lt": "img", "cifar100_lt": "img"}  # others: "image"
 LABEL_COLUMNS = {"cifar100_lt": "fine_label"}  # others: "label"
 
 
+def to_rgb(img: Image.Image, what: str) -> Image.Image:
+    """``img`` as an 8-bit RGB image. Grayscale, RGBA and palette images go through
+    ``convert('RGB')``. High-bit-depth grayscale is scaled, not clipped (PIL's convert
+    saturates every value above 255 to white):
+
+    - 16-bit (``I;16*``, e.g. 16-bit PNGs): value / 257, so 0..65535 maps onto 0..255;
+    - 32-bit integer (``I``): PIL's mode for 16-bit data from several decoders, so taken as
+      0..65535 as well; values outside that range are refused (their scale is unknown);
+    - 32-bit float (``F``): taken as 0..1 (x 255); values outside [0, 1] or NaN are refused.
+
+    Refusals are DataErrors naming ``what``.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        pixels = np.asarray(img)
+        if mode == "F":
+            if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
+                raise DataError(f"cannot read image {what}: 32-bit float pixels (PIL mode F) outside "
+                                f"[0, 1] (min {np.nanmin(pixels):g}, max {np.nanmax(pixels):g}); their "
+                                f"scale is unknown, convert the image to 8 or 16 bits")
+            scaled = pixels.astype(np.float64) * 255.0
+        else:
+            if mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+                raise DataError(f"cannot read image {what}: 32-bit integer pixels (PIL mode I) outside "
+                                f"0..65535 (min {pixels.min()}, max {pixels.max()}); their scale is "
+                                f"unknown, convert the image to 8 or 16 bits")
+            scaled = pixels.astype(np.float64) / 257.0
+        gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    return img.convert("RGB")
+
+
 def open_rgb(fp: Any, what: str) -> Image.Image:
-    """Open an image file or file object as RGB (docs/recipe.md section 5: ``convert('RGB')``).
+    """Open an image file or file object as RGB (docs/recipe.md section 5: ``convert('RGB')``,
+    high-bit-depth grayscale scaled by ``to_rgb``).
 
     Grayscale, RGBA and palette images are converted. A missing or unreadable image raises an
     error that names ``what`` (the file path or the split and row), not a bare PIL error.
@@ -41,11 +76,13 @@ def open_rgb(fp: Any, what: str) -> Image.Image:
         img.load()  # decodes and, for a file path, closes the file
         if img.mode == "RGB":
             return img  # skips convert's copy: a third of the decode time at 32x32
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img, what)
         img.close()
         return rgb
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image not found: {what}") from e
+    except DataError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
 
@@ -81,7 +118,7 @@ class HFImageSource:
         if isinstance(value, str):
             return open_rgb(value, f"{value} ({what})")
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return to_rgb(value, what)
         raise DataError(f"cannot read image {what}: unsupported value of type {type(value).__name__}")
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from torchvision import transforms
 
-from utils import Nullable
+from utils import Nullable, check
 from errors import DataError
 
 AUG_SPEC = {
@@ -43,6 +43,39 @@ AUG_SPEC = {
     "mixup_mode": ("batch", "mixup granularity", ("batch", "pair", "elem")),
     "smoothing": (0.1, "label smoothing"),
 }
+
+# Every probability in AUG_SPEC: each must lie in [0, 1].
+PROBABILITY_KEYS = ("hflip", "reprob", "mixup_prob", "mixup_switch_prob")
+
+
+def validate_aug_config(a: dict, input_size: int | None = None) -> None:
+    """Range checks of the ``aug`` section (ConfigError naming the key), for typed values and
+    values read from files (a config, a checkpoint's stored config) alike. Missing keys are
+    skipped. With ``input_size`` (data.input_size), the evaluation resize
+    ``input_size / eval_crop_ratio`` is bounded like the input size itself."""
+    for key in PROBABILITY_KEYS:
+        if key in a:
+            check(0.0 <= a[key] <= 1.0, f"aug.{key}", f"is a probability: must be in [0, 1], got {a[key]}")
+    if "smoothing" in a:
+        check(0.0 <= a["smoothing"] < 1.0, "aug.smoothing",
+              f"must be in [0, 1) (1 would make every target uniform), got {a['smoothing']}")
+    for key in ("color_jitter", "mixup", "cutmix"):
+        if key in a:
+            check(a[key] >= 0, f"aug.{key}", f"must be >= 0 (0 = off), got {a[key]}")
+    if "eval_crop_ratio" in a:
+        check(0.0 < a["eval_crop_ratio"] <= 1.0, "aug.eval_crop_ratio",
+              f"must be in (0, 1] (resize to input_size / ratio, then centre crop), got {a['eval_crop_ratio']}")
+        if isinstance(input_size, int):
+            from .build import MAX_INPUT_SIZE
+
+            resize = int(input_size / a["eval_crop_ratio"])
+            check(resize <= MAX_INPUT_SIZE, "aug.eval_crop_ratio",
+                  f"{a['eval_crop_ratio']} would resize the evaluation images to {resize} pixels "
+                  f"(data.input_size / ratio), above the {MAX_INPUT_SIZE} allowed")
+    for key in ("recount", "ra_repeats"):
+        if key in a:
+            check(a[key] >= 1, f"aug.{key}", f"must be >= 1, got {a[key]}")
+
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -82,7 +115,7 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
         input_size=input_size,
         is_training=True,
         hflip=float(aug_cfg["hflip"]),
-        color_jitter=float(aug_cfg["color_jitter"]),
+        color_jitter=float(aug_cfg["color_jitter"]) or None,  # 0: no ColorJitter at all
         auto_augment=_aa_policy(aug_cfg["aa"]),
         interpolation=aug_cfg["train_interpolation"],
         re_prob=float(aug_cfg["reprob"]),

@@ -40,14 +40,21 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
 
 
-def build_accelerator(train_cfg: dict):
+def build_accelerator(train_cfg: dict, log_with=None, project_dir=None):
     """An Accelerator for the run. Gradient accumulation is done by the training steps
-    themselves (they know the window, including a last partial one), so accelerate's is 1."""
+    themselves (they know the window, including a last partial one), so accelerate's is 1.
+
+    ``log_with`` / ``project_dir``: experiment trackers and their folder, as
+    ``engine.trackers.accelerator_kwargs(cfg)`` gives them; None leaves them out."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     set_cpu_threads()
     kwargs = {}
+    if log_with:
+        kwargs["log_with"] = log_with
+    if project_dir is not None:
+        kwargs["project_dir"] = str(project_dir)
     if train_cfg.get("mixed_precision") is not None:
         kwargs["mixed_precision"] = train_cfg["mixed_precision"]
     if train_cfg.get("cpu") or not accelerator_available():

@@ -8,31 +8,47 @@ the running loss for the progress bar, all in one all-reduce and one copy to the
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import signal
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from data import build_datasets, build_train_sampler, build_transform
+from engine import trackers
 from engine.seeding import SeededDataset, SeededSampler
 from errors import ConfigError, NonFiniteLossError
 
 
 def steps_per_epoch(num_batches: int, accum: int, max_steps: int | None) -> int:
-    """Optimiser updates per epoch: whole accumulation windows, capped by ``max_steps``."""
-    steps = max(1, num_batches // accum)
+    """Optimiser updates per epoch: accumulation windows of ``accum`` micro-batches, the last
+    one possibly shorter (the reference steps on it too), capped by ``max_steps``."""
+    steps = max(1, math.ceil(num_batches / accum))
     return min(steps, max_steps) if max_steps else steps
 
 
 def windows(data_loader, accum: int, num_steps: int, start_step: int = 0) -> Iterator[tuple[int, list]]:
-    """``(step, [micro-batch, ...])`` for the optimiser steps ``start_step .. num_steps - 1``;
-    a resumed epoch skips the micro-batches of the steps already done."""
+    """``(step, [micro-batch, ...])`` for the optimiser steps ``start_step .. num_steps - 1``:
+    ``accum`` micro-batches each, fewer in an epoch's last window; a resumed epoch skips the
+    micro-batches of the steps already done."""
     if start_step:
         from accelerate import skip_first_batches
         data_loader = skip_first_batches(data_loader, start_step * accum)
     batches = iter(data_loader)
     for step in range(start_step, num_steps):
-        yield step, [next(batches) for _ in range(accum)]
+        window = list(itertools.islice(batches, accum))
+        if not window:
+            return
+        yield step, window
+
+
+def epoch_fraction(step: int, accum: int, num_batches: int, num_steps: int) -> float:
+    """Where optimiser step ``step`` starts inside its epoch, for the lr schedule: its first
+    micro-batch's index over the epoch's micro-batches, as the reference's
+    ``epoch + i / len(data_loader)`` (with a step cap, over the capped steps)."""
+    return step * accum / min(num_batches, num_steps * accum)
 
 
 def no_sync(accelerator, model, sync: bool):
@@ -92,7 +108,7 @@ class StepMonitor:
         self.loss_sum, self.count = 0.0, 0
         self.sums: dict[str, torch.Tensor] = {}  # per-term sums on the device (epoch means)
 
-    def after_step(self, step: int, terms: dict[str, torch.Tensor]) -> bool:
+    def after_step(self, step: int, terms: dict[str, torch.Tensor], lr: float | None = None) -> bool:
         names = list(terms)
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
         for name, value in zip(names, values):
@@ -115,6 +131,9 @@ class StepMonitor:
         every = self.cfg["log"]["print_every"]
         if every and done % every == 0:
             self.accelerator.print(f"epoch {self.epoch} step {done}/{self.num_steps} loss {self.mean_loss:.4f}")
+            trackers.log_step(self.accelerator, {"loss": host[-1] / self.accelerator.num_processes,
+                                                 **({"lr": lr} if lr is not None else {})},
+                              self.epoch * self.num_steps + done)
         if host[len(names)] > 0:
             self.save_fn(self.epoch, done)
             return True
@@ -151,6 +170,13 @@ def full_state_dict(accelerator, model) -> dict:
     return accelerator.get_state_dict(model)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM: Slurm, ``docker stop`` and systemd signal the whole
+    process group, and a worker that died first would crash the main process before it saves.
+    The main process saves at the next step and exits; its workers are then shut down by it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loaders(cfg: dict, accelerator, train_transform=None):
     """Datasets and loaders of a training script (the same for teacher and student).
 
@@ -167,15 +193,14 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
                             tcfg["seed"], rank)
     workers = cfg["data"]["num_workers"]
     kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-              persistent_workers=workers > 0)
+              persistent_workers=workers > 0, worker_init_fn=ignore_sigterm if workers else None)
     data_loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler,
-                                   batch_size=tcfg["batch_size"], drop_last=True, **kw)
+                                   batch_size=tcfg["batch_size"], drop_last=tcfg["drop_last"], **kw)
     data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,
                                  batch_size=tcfg.get("eval_batch_size") or 2 * tcfg["batch_size"])
-    if len(data_loader_train) < tcfg["accum_steps"]:
-        raise ConfigError(f"train.batch_size={tcfg['batch_size']} x train.accum_steps="
-                         f"{tcfg['accum_steps']} is more than the {len(sampler)} training images "
-                         f"each process gets per epoch")
+    if len(data_loader_train) == 0:
+        raise ConfigError(f"train.batch_size={tcfg['batch_size']} is more than the {len(sampler)} "
+                          f"training images each process gets per epoch (with train.drop_last=true)")
     accelerator.print(f"train: {len(dataset_train)} images, {dataset_train.num_classes} classes, "
                       f"{len(data_loader_train)} batches/epoch/process | eval: {len(dataset_val)} images")
     return dataset_train, dataset_val, sampler, data_loader_train, accelerator.prepare(data_loader_val)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,12 +19,13 @@ import torch
 import yaml
 
 from errors import RunFolderError
+from models.checkpoint import write_safetensors
 from utils import append_json_line, atomic_torch_save, atomic_write_text, save_config
 
 STATE_DIR = "state"  # accelerate save_state folder: model, optimizer, scheduler, EMA, scaler
 PROGRESS_FILE = "progress.json"  # written last inside the state folder: marks it complete
 RESUME_FREE_KEYS = {"train.epochs", "train.resume", "train.output_dir", "data.num_workers",
-                    "log.progress", "log.print_every", "train.save_every_steps"}
+                    "log.progress", "log.print_every", "log.trackers", "train.save_every_steps"}
 
 
 def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS) -> list[str]:
@@ -37,13 +39,35 @@ def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS) -> list[st
     return diffs
 
 
+RUN_FILES = ("config.yaml", "log.txt", "checkpoint.pth", "best_checkpoint.pth")  # a run's artefacts
+LOCK_FILE = ".lock"
+
+
+def read_progress(state: Path) -> dict:
+    """A state folder's progress.json; a damaged one is a RunFolderError naming it."""
+    path = state / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text())
+        if not isinstance(progress, dict) or not isinstance(progress.get("epoch"), int) \
+                or not isinstance(progress.get("step"), int):
+            raise ValueError("expected an object with integer 'epoch' and 'step'")
+        return progress
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path} is damaged ({e}); the state cannot be resumed: restore it "
+                             f"or start a new train.output_dir") from None
+
+
 def find_resume_state(output_dir, cfg: dict) -> Path | None:
     """Decide whether to resume (automatic, from the folder's last complete state).
 
     ``train.resume``: 'auto' resumes when the folder holds a state saved with the same config
-    (keys in RESUME_FREE_KEYS, e.g. ``train.epochs``, may differ) and refuses otherwise;
-    'never' refuses any folder that holds a state; 'force' resumes despite differences.
-    A state folder without its progress file was interrupted while being written: ignored.
+    (keys in RESUME_FREE_KEYS, e.g. ``train.epochs``, may differ: compared with the config
+    stored inside the state, so a deleted or edited config.yaml changes nothing) and refuses
+    otherwise; 'never' refuses any folder that holds a state; 'force' resumes despite
+    differences. A state folder without its progress file was interrupted while being
+    written: ignored (a partial ``state.new/`` is removed). A folder that holds a run's files
+    (config.yaml, log.txt, checkpoints) but no state belongs to that run: refused, whatever
+    ``train.resume`` says.
     """
     out = Path(output_dir)
     mode = cfg["train"]["resume"]
@@ -52,19 +76,93 @@ def find_resume_state(output_dir, cfg: dict) -> Path | None:
         old = out / (STATE_DIR + ".old")  # a kill between the two renames of save_state
         state = old if (old / PROGRESS_FILE).is_file() else None
     if state is None:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found == ["config.yaml"]:  # a run that stopped before its first save: the same run?
+            saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+            if not config_differences(saved, cfg):
+                return None
+        if found:
+            raise RunFolderError(
+                f"{out} holds another run's files ({', '.join(found)}) but no resume state: refusing "
+                f"to overwrite them. Choose another train.output_dir, or delete those files")
         return None
     if mode == "never":
         raise RunFolderError(f"{out} already holds a run (train.resume=never): choose another "
                              f"train.output_dir, or resume it with train.resume=auto")
-    saved_cfg = out / "config.yaml"
-    if mode == "auto" and saved_cfg.is_file():
-        diffs = config_differences(yaml.safe_load(saved_cfg.read_text()) or {}, cfg)
+    progress = read_progress(state)
+    saved = progress.get("config")
+    if saved is None and (out / "config.yaml").is_file():  # a state written before configs were stored in it
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    if mode == "auto":
+        if saved is None:
+            raise RunFolderError(f"{state} does not record the config it was trained with: refusing to "
+                                 f"guess. Use train.resume=force to continue it with this config")
+        diffs = config_differences(saved, cfg)
         if diffs:
             raise RunFolderError(
                 f"{out} holds a run with a different config; refusing to mix them:\n  "
                 + "\n  ".join(diffs)
                 + "\nUse another train.output_dir, or train.resume=force to continue it anyway.")
     return state
+
+
+class FolderLock:
+    """An OS lock (``flock``) on ``<output_dir>/.lock`` held by the main process for the run's
+    lifetime: a second run on the same folder is refused, naming the folder and the process
+    that holds it. The lock goes with the process (also when it is killed)."""
+
+    def __init__(self, accelerator, output_dir) -> None:
+        import fcntl
+
+        from accelerate.utils import broadcast_object_list
+
+        self.handle = None
+        message = [None]
+        if accelerator.is_main_process:
+            out = Path(output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(out / LOCK_FILE, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+                self.handle = handle
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                message[0] = (f"{out} is in use by another run (process {holder}); wait for it to "
+                              f"finish or choose another train.output_dir")
+        if accelerator.num_processes > 1:
+            broadcast_object_list(message)
+        if message[0]:
+            raise RunFolderError(message[0])
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def clean_partial_state(accelerator, output_dir) -> None:
+    """Remove a ``state.new/`` left by a save that was killed or ran out of disk."""
+    new = Path(output_dir) / (STATE_DIR + ".new")
+    if accelerator.is_main_process and new.exists():
+        shutil.rmtree(new, ignore_errors=True)
+        accelerator.print(f"removed the incomplete {new} of an interrupted save")
+    accelerator.wait_for_everyone()
+
+
+def open_run_folder(accelerator, output_dir, cfg: dict) -> tuple[FolderLock, Path | None]:
+    """Lock the folder, clean a partial save, decide on resuming: ``(lock, state or None)``."""
+    check_output_dir = str(output_dir).strip()
+    if not check_output_dir:
+        raise RunFolderError("train.output_dir is empty: name a folder for the run")
+    lock = FolderLock(accelerator, output_dir)
+    clean_partial_state(accelerator, output_dir)
+    return lock, find_resume_state(output_dir, cfg)
 
 
 def save_training_state(accelerator, output_dir, progress: dict, model_ema=None) -> None:
@@ -121,6 +219,7 @@ def start_or_resume(accelerator, resume_dir, output_dir, cfg: dict, model_ema=No
     if resume_dir is not None:
         progress = load_training_state(accelerator, resume_dir, output_dir, model_ema)
         accelerator.print(f"resumed from {resume_dir} at epoch {progress['epoch']} step {progress['step']}")
+    progress["config"] = cfg  # the state records what it was trained with
     if accelerator.is_main_process:
         save_config(cfg, Path(output_dir) / "config.yaml")
     return progress
@@ -128,7 +227,7 @@ def start_or_resume(accelerator, resume_dir, output_dir, cfg: dict, model_ema=No
 
 def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> dict:
     """Restore everything ``save_training_state`` saved; drop log lines of redone epochs."""
-    progress = json.loads((Path(state_dir) / PROGRESS_FILE).read_text())
+    progress = read_progress(Path(state_dir))
     saved_world = progress.get("num_processes", accelerator.num_processes)
     if saved_world != accelerator.num_processes:
         raise RunFolderError(
@@ -136,7 +235,13 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
             f"{accelerator.num_processes}: the peak lr, the data shards and the position inside "
             f"the epoch depend on it. Relaunch with --num_processes {saved_world}, or start a new "
             f"train.output_dir")
-    accelerator.load_state(str(state_dir))
+    try:
+        accelerator.load_state(str(state_dir))
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, ValueError) as e:
+        # accelerate reads its files with weights_only=True: a crafted pickle is refused here
+        raise RunFolderError(f"{state_dir}: cannot restore the state ({type(e).__name__}: "
+                             f"{str(e)[:300]}); nothing in it was executed. Restore the folder or "
+                             f"start a new train.output_dir") from None
     if model_ema is not None:
         try:
             model_ema.load(state_dir, accelerator.process_index)
@@ -145,11 +250,31 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
                                  f"version or damaged: start a new train.output_dir") from None
     log = Path(output_dir) / "log.txt"
     if accelerator.is_main_process and log.is_file():
-        kept = [line for line in log.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] < progress["epoch"]]
+        kept = []
+        for number, line in enumerate(log.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                epoch = record["epoch"]
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill, or edited
+                accelerator.print(f"warning: {log}:{number} is not a log record; dropped")
+                continue
+            if epoch < progress["epoch"]:
+                kept.append(line)
         atomic_write_text(log, "".join(line + "\n" for line in kept))
     accelerator.wait_for_everyone()
     return progress
+
+
+def mark_epoch_finished(accelerator, output_dir, progress: dict) -> None:
+    """After an epoch's evaluation, log line and checkpoints: rewrite the state's progress
+    file without the ``pending`` record (the state itself was saved before the evaluation,
+    so an evaluation that fails never costs the epoch's training)."""
+    progress.pop("pending", None)
+    if accelerator.is_main_process:
+        atomic_write_text(Path(output_dir) / STATE_DIR / PROGRESS_FILE, json.dumps(progress))
+    accelerator.wait_for_everyone()
 
 
 class Preemption:
@@ -193,7 +318,7 @@ def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoin
             record.update({f"{h}_{k}": metrics[h][k] for h in metrics
                            for k in ("top1", "top5", "head", "mid", "tail")})
         append_json_line(Path(out) / "log.txt", record)
-        atomic_torch_save(payload, Path(out) / "checkpoint.pth")
-        if is_best:
-            atomic_torch_save(payload, Path(out) / "best_checkpoint.pth")
+        for name in ("checkpoint", "best_checkpoint") if is_best else ("checkpoint",):
+            atomic_torch_save(payload, Path(out) / f"{name}.pth")
+            write_safetensors(payload, Path(out) / f"{name}.safetensors")  # weights only, no pickle
     return is_best

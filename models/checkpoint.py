@@ -11,7 +11,8 @@ training scripts): plain types only, loadable with ``weights_only=True``::
 State dicts never carry wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``), and a
 PaCo teacher is stored as its plain teacher (query backbone + classifier, head ``linear``).
 
-Readers (all through ``models.safe_load``: no code runs, loading is strict):
+Readers (all through ``models.safe_load``, or ``safetensors`` for .safetensors files: no code
+runs, loading is strict):
 
 * students: the project format, and the reference's training state ``{"model", "model_ema",
   "optimizer", "lr_scheduler", "scaler", "epoch", "args": Namespace, <metrics>}`` whose
@@ -23,11 +24,29 @@ Readers (all through ``models.safe_load``: no code runs, loading is strict):
   query backbone and ``linear`` are kept (``models.paco.split_paco_state_dict``).
 
 ``load_any`` dispatches on content; docs/recipe.md section 8 describes the published formats.
+
+safetensors (``write_safetensors``; ``checkpoint.safetensors`` / ``best_checkpoint.safetensors``
+beside the .pth files): the same portable checkpoint in one file that holds only tensors and
+strings, so reading it can never run code. Tensors: the ``model`` state dict under its own keys
+and, when there is one, the EMA state dict under ``model_ema.<key>`` (one file per checkpoint,
+so the write is atomic). Metadata (string -> string): ``format`` = ``deit-lt``,
+``format_version``, ``model_ema`` (``true`` / ``false``), ``model_ema_prefix``, ``kind``
+(``student`` / ``teacher``), and every other entry of the payload as JSON (``arch``, ``epoch``,
+``config``, ``metrics``, ``class_map``, ``train_counts``, ``class_names``). Every loader
+accepts a ``.safetensors`` path (``read_checkpoint``): the file is read with ``safetensors``
+only, never unpickled, and the payload rebuilt from it goes through the same student /
+teacher readers as a .pth file. A ``.safetensors`` file without the project's metadata is
+read as a bare state dict (a student's is wrapped as ``{"model": ...}``, anything else is a
+plain teacher). To load only the weights elsewhere::
+
+    {k: v for k, v in safetensors.torch.load_file(path).items() if not k.startswith("model_ema.")}
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 from typing import Any, Mapping
 
 import torch
@@ -42,8 +61,8 @@ from models.teacher import build_teacher, classifier_name_of
 from utils import to_plain
 
 __all__ = ["make_checkpoint", "load_student", "load_teacher", "load_any", "student_from_checkpoint",
-           "teacher_from_checkpoint", "CheckpointError", "CheckpointMismatchError",
-           "UnsafeCheckpointError"]
+           "teacher_from_checkpoint", "write_safetensors", "read_safetensors", "read_checkpoint",
+           "CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"]
 
 
 # ----------------------------------------------------------------------------- writer
@@ -160,6 +179,9 @@ def student_from_checkpoint(ckpt: Any, num_classes: int | None = None, num_heads
     info = {"kind": "student", "format": fmt, "arch": arch, "class_map": to_plain(class_map),
             "args": args, "epoch": to_plain(ckpt.get("epoch")), "metrics": metrics,
             "weights": key, "source": source}
+    if fmt == "project":  # the data it was trained on (reference files store neither)
+        info.update(class_names=to_plain(ckpt.get("class_names")),
+                    train_counts=to_plain(ckpt.get("train_counts")))
     return model, info
 
 
@@ -182,7 +204,7 @@ def load_student(path: str | os.PathLike, num_classes: int | None = None,
     ``ema=True`` loads the ``model_ema`` weights instead of ``model``. ``num_heads`` is only
     needed for a reference file whose ``args.model`` is not a timm DeiT name.
     """
-    ckpt = safe_load(path)
+    ckpt = read_checkpoint(path)
     return _reading(path, lambda: student_from_checkpoint(
         ckpt, num_classes=num_classes, num_heads=num_heads, ema=ema, source=os.fspath(path)))
 
@@ -193,7 +215,7 @@ def load_any(path: str | os.PathLike, **kwargs) -> tuple[nn.Module, dict]:
     ``kwargs`` go to the matching loader (``num_classes``, ``ema``... for students; ``arch``,
     ``num_classes``, ``head`` for teachers).
     """
-    ckpt = safe_load(path)
+    ckpt = read_checkpoint(path)
     kind = ckpt.get("kind") if isinstance(ckpt, Mapping) else None
     if kind == "student" or (kind is None and isinstance(ckpt, Mapping) and is_student_state(ckpt.get("model"))):
         return _reading(path, lambda: student_from_checkpoint(ckpt, source=os.fspath(path), **kwargs))
@@ -245,7 +267,9 @@ def teacher_from_checkpoint(ckpt: Any, arch: str | None = None, num_classes: int
         stored = dict(ckpt.get("arch") or {})
         class_map = ckpt.get("class_map")
         extra = {"epoch": to_plain(ckpt.get("epoch")), "metrics": to_plain(ckpt.get("metrics")),
-                 "config": to_plain(ckpt.get("config"))}
+                 "config": to_plain(ckpt.get("config")),
+                 "class_names": to_plain(ckpt.get("class_names")),
+                 "train_counts": to_plain(ckpt.get("train_counts"))}
     elif "kind" in ckpt:
         raise CheckpointError(f"{source}: is a {ckpt['kind']!r} checkpoint, not a teacher")
     elif isinstance(ckpt.get("state_dict"), Mapping):
@@ -288,6 +312,140 @@ def load_teacher(path: str | os.PathLike, arch: str | None = None, num_classes: 
     Returns ``(model, info)`` with ``info = {'format': 'project'|'plain'|'ldam'|'paco',
     'arch': {...}, 'class_map': list or None, 'dropped_keys': [...], ...}``.
     """
-    ckpt = safe_load(path)
+    ckpt = read_checkpoint(path)
     return _reading(path, lambda: teacher_from_checkpoint(
         ckpt, arch=arch, num_classes=num_classes, head=head, source=os.fspath(path)))
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+SAFETENSORS_FORMAT = "deit-lt"  # metadata["format"] of the files write_safetensors makes
+SAFETENSORS_VERSION = "1"
+EMA_PREFIX = "model_ema."
+_TENSOR_ENTRIES = ("model", "model_ema")  # payload entries stored as tensors, not metadata
+_RESERVED_METADATA = ("format", "format_version", "model_ema", "model_ema_prefix")
+_RAW_STRINGS = ("kind",)  # metadata stored as the string itself; every other entry is JSON
+
+
+def is_safetensors_path(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(".safetensors")
+
+
+def _safetensors_tensors(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The payload's ``model`` and ``model_ema`` state dicts as one flat dict of contiguous CPU
+    tensors (EMA keys prefixed); a tensor whose storage is already stored is copied, since a
+    safetensors file cannot hold shared storage."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def add(key: str, value) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        t = value.detach().cpu().contiguous()
+        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and storage in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(storage)
+        tensors[key] = t
+
+    model = payload.get("model")
+    if not isinstance(model, Mapping):
+        raise ValueError("the payload has no 'model' state dict")
+    for key, value in model.items():
+        if key.startswith(EMA_PREFIX):
+            raise ValueError(f"model key {key!r} starts with the EMA prefix {EMA_PREFIX!r}")
+        add(key, value)
+    for key, value in (payload.get("model_ema") or {}).items():
+        add(EMA_PREFIX + key, value)
+    return tensors
+
+
+def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a portable checkpoint (``make_checkpoint``'s payload) as one safetensors file.
+
+    Weights as tensors (EMA under the ``model_ema.`` prefix), everything else as JSON strings
+    in the metadata (see the module docstring). Atomic like ``utils._atomic_write``: written to
+    a temporary file in the same folder, fsynced, then renamed over ``path``.
+    """
+    from safetensors.torch import save_file
+
+    metadata = {"format": SAFETENSORS_FORMAT, "format_version": SAFETENSORS_VERSION,
+                "model_ema": "true" if payload.get("model_ema") is not None else "false",
+                "model_ema_prefix": EMA_PREFIX}
+    for key, value in payload.items():
+        if key in _TENSOR_ENTRIES:
+            continue
+        if key in _RESERVED_METADATA:
+            raise ValueError(f"payload entry {key!r} clashes with a reserved metadata key")
+        if key in _RAW_STRINGS:
+            if not isinstance(value, str):
+                raise ValueError(f"payload entry {key!r} must be a string, got {value!r}")
+            metadata[key] = value
+        else:
+            metadata[key] = json.dumps(to_plain(value))
+    tensors = _safetensors_tensors(payload)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """The payload of a ``.safetensors`` checkpoint, as ``make_checkpoint`` made it.
+
+    Only ``safetensors`` reads the file (tensors and strings; nothing is unpickled). A file
+    without the project's metadata is a bare state dict: wrapped as ``{"model": ...}`` when it
+    holds distilled-ViT weights, returned as is otherwise (a plain teacher state dict).
+    Raises FileNotFoundError naming the path, or CheckpointError for an unreadable file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(path, device="cpu")
+    except Exception as e:  # safetensors' own error types (a damaged or non-safetensors file)
+        raise CheckpointError(f"{path}: not a readable safetensors file: {type(e).__name__}: {e}") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        return {"model": tensors} if is_student_state(tensors) else tensors
+    prefix = metadata.get("model_ema_prefix", EMA_PREFIX)
+    payload: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in _RESERVED_METADATA:
+            continue
+        if key in _RAW_STRINGS:
+            payload[key] = value
+            continue
+        try:
+            payload[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: metadata entry {key!r} is not JSON: {e}") from None
+    payload["model"] = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    ema = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    payload["model_ema"] = ema if metadata.get("model_ema") == "true" else None
+    return payload
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The content of a checkpoint file: ``read_safetensors`` for a ``.safetensors`` path,
+    ``safe_load`` (``weights_only=True`` plus the allow-list) for anything else."""
+    if is_safetensors_path(path):
+        return read_safetensors(path)
+    return safe_load(path)

@@ -302,14 +302,14 @@ class PaCoModel(nn.Module):
             out = model(im_q, im_k, labels)                          # pass 1 at w
             criterion(out.features, out.labels, out.sup_logits).backward()
             optimizer.first_step(zero_grad=True)                     # w -> w + e
-            disable_running_stats(model)
             out2 = model(im_q, labels=labels, keys=out.keys)         # pass 2, same keys/queue
             criterion(out2.features, out2.labels, out2.sup_logits).backward()
             optimizer.second_step(zero_grad=True)                    # back to w, real update
-            enable_running_stats(model)
             paco.dequeue_and_enqueue(out.keys, labels)               # once, after the update
 
-        (``paco`` is the unwrapped model when ``model`` is wrapped in DDP / accelerate.)
+        (``paco`` is the unwrapped model when ``model`` is wrapped in DDP / accelerate;
+        ``train_teacher.train_step`` runs this, optionally freezing BatchNorm statistics in
+        pass 2 with ``optim.sam_bn=first_pass``.)
         """
         if not self.training:
             return self.linear(self._pool(self.encoder_q, im_q))

@@ -18,16 +18,17 @@ import os
 import pathlib
 import pickle
 import re
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from errors import CheckpointMismatchError, UnsafeCheckpointError
+from errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
-__all__ = ["safe_load", "load_state_dict_strict", "strip_prefix", "strip_wrapper_prefixes",
-           "UnsafeCheckpointError", "CheckpointMismatchError"]
+__all__ = ["safe_load", "check_torch_file", "load_state_dict_strict", "strip_prefix",
+           "strip_wrapper_prefixes", "UnsafeCheckpointError", "CheckpointMismatchError"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
@@ -72,15 +73,48 @@ def _global_name(entry) -> str:
     return f"{entry.__module__}.{entry.__qualname__}"
 
 
-def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` plus the reference's few plain types.
+def check_torch_file(path: str | os.PathLike) -> None:
+    """Cheap look at a file's bytes (its header, a zip's directory; nothing is unpickled):
+    CheckpointError naming the file unless it can be a ``torch.save`` file.
 
-    Raises FileNotFoundError naming the path, or UnsafeCheckpointError naming the first
-    global outside the allow-list (the pickle is scanned first; nothing is executed).
-    """
+    ``torch.save`` writes a zip archive holding ``<name>/data.pkl`` (torch >= 1.6) or, in the
+    legacy format, a pickle stream (first byte 0x80, protocol 2-5). An empty file, a zip
+    archive cut short (a partial download or copy: the directory sits at the end), a zip
+    without ``data.pkl`` and any other bytes are refused as not / no longer a checkpoint, which
+    is what they are: random bytes are no pickle attack."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file, not a torch checkpoint")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt torch checkpoint (its zip archive "
+                                  f"cannot be read: {e}); copy or download it again") from None
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise CheckpointError(f"{path}: a zip archive but not a torch checkpoint (no data.pkl in it)")
+        return
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return  # legacy torch.save format; a cut-short one is reported by safe_load
+    raise CheckpointError(f"{path}: not a torch checkpoint (neither torch.save's zip format nor its "
+                          f"legacy pickle format; first bytes {head!r})")
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` plus the reference's few plain types.
+
+    Raises FileNotFoundError naming the path; CheckpointError naming the file when it is not a
+    torch checkpoint or is truncated or corrupt (``check_torch_file``, then what torch.load
+    finds); UnsafeCheckpointError naming the first global outside the allow-list (the pickle is
+    scanned first; nothing is executed).
+    """
+    path = os.fspath(path)
+    check_torch_file(path)
     allowed = _allowed_globals()
     allowed_names = {_global_name(g) for g in allowed}
     try:  # zip-format files can be scanned without unpickling anything
@@ -98,10 +132,29 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             match = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = match.group(1) if match else "an object outside the allow-list"
+            if match is None:  # not a global: bytes the unpickler cannot make sense of
+                raise CheckpointError(f"{path}: corrupt torch checkpoint (its pickle cannot be read: "
+                                      f"{_last_line(e)})") from None
             raise UnsafeCheckpointError(
-                f"{path}: refusing to load: the pickle references {what}, which is not on the "
-                f"allow-list of plain types") from None
+                f"{path}: refusing to load: the pickle references {match.group(1)}, which is not "
+                f"on the allow-list of plain types") from None
+        except EOFError:
+            raise CheckpointError(f"{path}: truncated torch checkpoint (the data end early); copy "
+                                  f"or download it again") from None
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
+            # torch's zip reader ("PytorchStreamReader failed ...") or a garbled legacy stream
+            raise CheckpointError(f"{path}: truncated or corrupt torch checkpoint "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- strict loading

@@ -17,7 +17,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from timm.models.deit import VisionTransformerDistilled
 
 # DeiT's sizes (Touvron et al. 2021, Table 1): embed_dim, depth, num_heads; MLP ratio 4.
@@ -131,9 +130,9 @@ def build_student(arch: dict, drop_path_rate: float = 0.0,
         mlp_ratio=arch["mlp_ratio"], qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         drop_path_rate=drop_path_rate,
     )
-    # DeiT (and the reference) draw the class token from trunc_normal(std=.02); timm's ViT
-    # init uses normal(std=1e-6). Follow DeiT, the recipe being reproduced.
-    trunc_normal_(model.cls_token, std=0.02)
+    # timm's initialisation, which is the reference's: the class token from normal(std=1e-6),
+    # the distillation token and position embedding from trunc_normal(std=0.02)
+    # (docs/recipe.md section 2, "token init"; DeiT's own repository differs).
     set_fused_attn(model, fused_attn)
     model.student_arch = arch
     return model

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from errors import ConfigError
+from errors import CheckpointError, ConfigError
 from models.resnet_cifar import NormedLinear, resnet32
 
 HEADS = ("linear", "normed")
@@ -142,8 +142,21 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 def teacher_input_size(info: dict, default: int) -> int:
     """The resolution a loaded teacher was trained at: the project checkpoint's stored
     ``data.input_size``, else 32 for the CIFAR ResNet-32 (the reference teachers), else
-    ``default`` (the student's size, e.g. 224 for ImageNet-LT ResNet-50 teachers)."""
-    stored = (info.get("config") or {}).get("data") or {}
-    if stored.get("input_size"):
-        return int(stored["input_size"])
+    ``default`` (the student's size, e.g. 224 for ImageNet-LT ResNet-50 teachers).
+
+    A value read from the file gets the checks of a typed ``data.input_size``: a whole number
+    of pixels in [1, data.MAX_INPUT_SIZE] (4096; the bound is explained there), else a
+    CheckpointError naming the file and the key, before any tensor of that size exists."""
+    from data.build import MAX_INPUT_SIZE
+
+    config = info.get("config")
+    stored = config.get("data") if isinstance(config, dict) else None
+    if isinstance(stored, dict) and stored.get("input_size") is not None:
+        size = stored["input_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_INPUT_SIZE:
+            raise CheckpointError(
+                f"{info.get('source', 'teacher checkpoint')}: stored config.data.input_size is "
+                f"{size!r}, not a whole number of pixels in [1, {MAX_INPUT_SIZE}]; a corrupt or "
+                f"foreign file? (distill.teacher_input_size / eval.teacher_input_size set it explicitly)")
+        return size
     return 32 if info["arch"].get("arch") == "resnet32" else default

@@ -54,7 +54,7 @@ def nearest_class(img: Image.Image, num_classes: int) -> int:
 def test_specs_have_the_contract_keys():
     assert list(DATA_SPEC) == ["dataset", "path", "hub_name", "image_column", "label_column", "train_split",
                                "val_split", "imb_type", "imb_factor", "subset_seed", "source_order", "root",
-                               "train_list", "val_list", "groups", "val_holdout", "num_workers", "input_size"]
+                               "train_list", "val_list", "groups", "group_thresholds", "group_boundaries", "val_holdout", "num_workers", "input_size"]
     assert set(AUG_SPEC) == {"train_crop", "hflip", "aa", "color_jitter", "train_interpolation", "reprob",
                              "remode", "recount", "normalize", "eval_crop_ratio", "repeated_aug",
                              "ra_repeats",

@@ -26,7 +26,7 @@ COUNTS_TEST = [5, 5, 5, 5, 5, 5, 5, 5, 5, 4]  # 49: odd on purpose
 TEACHER_ARGS = [
     "data.dataset=generic", "data.image_column=img", "data.imb_factor=1.0", "data.num_workers=0",
     "train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3", "loss.drw_epoch=1",
-    "sched.warmup_epochs=1", "log.progress=false", "train.mixed_precision=no",
+    "sched.warmup_epochs=1", "sched.milestones=[1]", "log.progress=false", "train.mixed_precision=no",
 ]
 STUDENT_ARGS = [
     "data.dataset=generic", "data.image_column=img", "data.imb_factor=1.0", "data.num_workers=0",

@@ -47,7 +47,7 @@ def main(report_path: str) -> None:
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     ema = ModelEma(unwrap(model), decay=0.5)
     plain_ema = {k: v.clone() for k, v in plain.state_dict().items()}
-    criterion = DistillationLoss(build_base_criterion(False, 0.0), None, "none", 0.5, 1.0)
+    criterion = DistillationLoss(build_base_criterion(False), None, "none", 0.5, 1.0)
 
     g = torch.Generator().manual_seed(1)  # the same global batch on both ranks
     for _ in range(2):
