@@ -443,3 +443,36 @@ def plot_agreement(path: str | Path, pairs: dict[str, dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the experts, in words
+
+
+def experts_sentence(results: dict) -> str:
+    """One sentence on what a student's evaluation shows about DeiT-LT's two experts (the DIST
+    head on the tail, the CLS head on the head classes), from evaluate.py's JSON."""
+    cls, dist, pred = results["cls"], results["dist"], results[results["prediction"]]
+
+    def gap(group: str) -> float | None:
+        if cls[group] is None or dist[group] is None:
+            return None
+        return dist[group] - cls[group]
+
+    tail, head = gap("tail"), gap("head")
+    if tail is None or head is None:
+        return "This split has no head or no tail class, so the experts cannot be compared."
+    parts = [f"DIST is {'the tail expert' if tail > 0 else 'not the tail expert'} "
+             f"({dist['tail']:.1f} vs CLS {cls['tail']:.1f} on tail classes)",
+             f"CLS {'is' if head < 0 else 'is not'} the head expert "
+             f"({cls['head']:.1f} vs DIST {dist['head']:.1f} on head classes)"]
+    return (f"{'; '.join(parts)}; the reported prediction ({results['prediction']}, their combination) "
+            f"reaches {pred['top1']:.1f} overall.")
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python analysis.py EVAL_JSON   (prints what evaluate.py's result shows)")
+    print(experts_sentence(json.loads(Path(sys.argv[1]).read_text())))

@@ -34,10 +34,10 @@ from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DistillationLoss
 from losses.drw import drw_weights
-from models.checkpoint import load_teacher, make_checkpoint
+from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
-from models.teacher import fold_batchnorm, teacher_input_size
+from models.teacher import fold_batchnorm, teacher_input_size, teacher_renormalization
 from utils import check, git_sha, load_config, with_defaults
 
 SPEC = {
@@ -55,6 +55,13 @@ SPEC = {
         "drop_path": (0.1, "stochastic depth rate, linear from 0 over the blocks (DeiT)"),
         "fused_attn": (True, "use fused scaled-dot-product attention (same numbers, faster)"),
         "compile": (False, "torch.compile the student (see bench/train_step.py for when it helps)"),
+        "init_ckpt": (None, "start from these weights (DeiT's --finetune): a project or reference "
+                      "student (.pth / .safetensors) or a timm/DeiT ViT checkpoint; pos_embed is "
+                      "resampled to the patch grid, the heads are reset when the class count "
+                      "differs; the report is printed and saved as init.json", str),
+        "init_heads": ("auto", "model.init_ckpt heads: 'auto': reset when the class count differs; "
+                       "'reset': always (same count, other classes); 'keep': refuse a mismatch",
+                       ("auto", "reset", "keep")),
     },
     "optim": {
         "opt": ("adamw", "optimizer (timm create_optimizer_v2 name)"),
@@ -75,7 +82,18 @@ SPEC = {
     "distill": {
         "type": ("hard", "hard: CE on the teacher's argmax; soft: DeiT's KL with tau; none: no "
                  "teacher, both heads on the labels (baseline)", ("hard", "soft", "none")),
-        "teacher_ckpt": (None, "teacher checkpoint: ours, or the reference LDAM/CE/PaCo files", str),
+        "teacher_ckpt": (None, "teacher checkpoint: ours, the reference LDAM/CE/PaCo files, or with "
+                         "distill.teacher_model timm's/torchvision's own state dict", str),
+        "teacher_model": (None, "teacher by name (resnet32, resnet50 or any timm CNN) for weights in "
+                          "timm's/torchvision's own format or distill.teacher_pretrained; null: the "
+                          "checkpoint says", str),
+        "teacher_pretrained": (False, "distill.teacher_model with timm's pretrained weights (needs "
+                               "the network or timm's cache; its head must predict these classes)"),
+        "teacher_normalize": ("student", "the teacher's input: 'student': the student's normalised "
+                              "batch as is (the reference); 'teacher': re-normalised to the "
+                              "teacher's own mean/std (stored, or timm's pretrained_cfg); "
+                              "'imagenet' / 'cifar': to those statistics",
+                              ("student", "teacher", "imagenet", "cifar")),
         "teacher_input_size": (None, "resize the student's batch to this for the teacher "
                                "(bicubic, antialias=False); null: the teacher's own size", int),
         "fold_bn": (True, "fold the frozen teacher's BatchNorms into its convolutions (same logits "
@@ -140,16 +158,23 @@ def validate(cfg: dict) -> None:
           f"must be > 0 (null: no clipping), got {o['clip_grad']}")
     check(s["warmup_lr"] >= 0, "sched.warmup_lr", f"must be >= 0, got {s['warmup_lr']}")
     check(s["min_lr"] >= 0, "sched.min_lr", f"must be >= 0, got {s['min_lr']}")
-    if d["type"] != "none":
+    check(not d["teacher_pretrained"] or d["teacher_model"] is not None, "distill.teacher_pretrained",
+          "needs distill.teacher_model (the timm name whose pretrained weights to load)")
+    check(not (d["teacher_pretrained"] and d["teacher_ckpt"] is not None), "distill.teacher_pretrained",
+          "give either distill.teacher_ckpt or distill.teacher_pretrained=true, not both")
+    if d["type"] != "none" and not d["teacher_pretrained"]:
         check(d["teacher_ckpt"] is not None, "distill.teacher_ckpt",
               f"distill.type={d['type']} needs a teacher checkpoint (or use distill.type=none)")
-        check(Path(d["teacher_ckpt"]).is_file(), "distill.teacher_ckpt",
-              f"file not found: {d['teacher_ckpt']}")
-        if not str(d["teacher_ckpt"]).lower().endswith(".safetensors"):  # (read by safetensors)
+    for key, path in (("distill.teacher_ckpt", d["teacher_ckpt"] if d["type"] != "none" else None),
+                      ("model.init_ckpt", m["init_ckpt"])):
+        if path is None:
+            continue
+        check(Path(path).is_file(), key, f"file not found: {path}")
+        if not str(path).lower().endswith(".safetensors"):  # (read by safetensors)
             try:  # its header only (not loaded): an empty, cut-short or foreign file stops here
-                check_torch_file(d["teacher_ckpt"])
+                check_torch_file(path)
             except CheckpointError as e:
-                raise CheckpointError(f"distill.teacher_ckpt: {e}") from None
+                raise CheckpointError(f"{key}: {e}") from None
     check(not (d["type"] == "soft" and d["drw_epoch"] is not None), "distill.drw_epoch",
           "DRW weights apply to hard distillation only (the reference's weighted soft loss is a "
           "known bug); set distill.drw_epoch=null with distill.type=soft")
@@ -302,7 +327,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     accum = effective_accum(tcfg, accelerator.num_processes)
     num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
     monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
-    ema_per_micro_batch = tcfg["model_ema_cadence"] == "micro_batch"
+
+    def ema_updates(micro_batches: int) -> int:
+        """EMA updates this step: one per micro-batch of the recipe's layout (the reference's
+        cadence; with train.recipe_processes a window holds recipe_processes / world of the
+        reference's micro-batches per process), or one ('step')."""
+        if tcfg["model_ema_cadence"] == "step":
+            return 1
+        return max(1, round(micro_batches * tcfg["accum_steps"] / accum))
+
     bar = tqdm(loop.windows(data_loader, accum, num_steps, start_step), total=num_steps - start_step,
                desc=f"epoch {epoch}", leave=False,
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
@@ -314,7 +347,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
                            class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
-                           model_ema=model_ema, ema_decays=len(window) if ema_per_micro_batch else 1,
+                           model_ema=model_ema, ema_decays=ema_updates(len(window)),
                            accum_steps=accum)
         if monitor.after_step(step, terms, lr=optimizer.param_groups[0]["lr"]):
             return None
@@ -334,27 +367,37 @@ def check_sharding(accelerator, tcfg: dict) -> None:
                           "train.model_ema=false with FSDP1")
 
 
-def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator):
-    """(teacher, class map, teacher input size) for ``distill``; (None, None, None) without one.
+def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator) -> dict:
+    """The teacher of ``distill`` and what the loss needs to call it: ``{"teacher", "class_map",
+    "input_size", "renormalize"}`` (all None without a teacher).
 
     The teacher is not prepared (never wrapped or sharded): DistillationLoss freezes it (eval
     mode, no gradients) and makes it channels-last.
     """
     dcfg = cfg["distill"]
     if dcfg["type"] == "none":
-        return None, None, None
-    teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
+        return {"teacher": None, "class_map": None, "input_size": None, "renormalize": None}
+    if dcfg["teacher_model"]:  # by name: timm's / torchvision's own weights, or timm's pretrained
+        teacher, tinfo = load_named_teacher(dcfg["teacher_model"], dataset.num_classes,
+                                            dcfg["teacher_ckpt"], dcfg["teacher_pretrained"])
+    else:
+        teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
+    source = dcfg["teacher_ckpt"] or f"timm's pretrained {dcfg['teacher_model']}"
     t_classes = tinfo["arch"]["num_classes"]
     if t_classes != dataset.num_classes:
-        raise CheckpointError(f"teacher {dcfg['teacher_ckpt']} predicts {t_classes} classes but "
-                              f"the data has {dataset.num_classes}")
+        raise CheckpointError(f"teacher {source} predicts {t_classes} classes but the data has "
+                              f"{dataset.num_classes}")
     class_map = teacher_class_map(cfg, tinfo, dataset, accelerator)
+    # before folding: the folded copy no longer carries timm's pretrained_cfg
+    renormalize = teacher_renormalization(dcfg["teacher_normalize"], cfg["aug"]["normalize"], teacher, tinfo)
     if dcfg["fold_bn"]:
         teacher, folded = fold_batchnorm(teacher)
         accelerator.print(f"teacher: {folded} BatchNorm layers folded into the layer before them")
     t_size = dcfg["teacher_input_size"] or teacher_input_size(tinfo, student_size)
-    accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}")
-    return teacher.to(accelerator.device), class_map, t_size
+    accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}"
+                      + (f", re-normalised {renormalize}" if renormalize else ""))
+    return {"teacher": teacher.to(accelerator.device), "class_map": class_map, "input_size": t_size,
+            "renormalize": renormalize}
 
 
 def main(cfg: dict) -> dict:
@@ -379,6 +422,10 @@ def main(cfg: dict) -> dict:
 
     # ------------------------------------------------------------------ model
     model, arch = build_model(cfg, num_classes)
+    if cfg["model"]["init_ckpt"] and resume_dir is None:  # a resumed run restores its own weights
+        report = init_student_from(model, cfg["model"]["init_ckpt"],
+                                   reset_heads={"auto": None, "reset": True, "keep": False}[cfg["model"]["init_heads"]])
+        run_folder.write_init_report(accelerator, out, report)
     optimizer = build_optimizer(cfg, model, peak_lr)
     lr_scheduler = build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -393,11 +440,12 @@ def main(cfg: dict) -> dict:
     accelerator.print(f"student {arch} ({n_params / 1e6:.2f}M parameters)")
 
     # ------------------------------------------------------------------ teacher and loss
-    teacher, class_map, t_size = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator)
+    t = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator)
     mixup_fn = build_mixup(cfg, num_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
-                                 teacher, dcfg["type"], dcfg["alpha"], dcfg["tau"],
-                                 teacher_input_size=t_size, class_map=class_map).to(accelerator.device)
+                                 t["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
+                                 teacher_input_size=t["input_size"], class_map=t["class_map"],
+                                 renormalize=t["renormalize"]).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
     progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
@@ -467,6 +515,7 @@ def main(cfg: dict) -> dict:
         metrics = finish_epoch(record)
     accelerator.print(f"done: best {heads[-1]} top-1 {progress['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
+    run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()

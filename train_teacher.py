@@ -34,7 +34,7 @@ from losses.drw import drw_weights
 from losses.ldam import LDAMLoss
 from losses.paco import PaCoLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
-from models.checkpoint import make_checkpoint
+from models.checkpoint import init_teacher_from, make_checkpoint
 from models.paco import build_paco
 from models.student import unwrap
 from models.teacher import build_teacher
@@ -54,6 +54,9 @@ SPEC = {
         "head": ("normed", "'normed': cosine NormedLinear head (LDAM); 'linear': plain linear",
                  ("normed", "linear")),
         "channels_last": (True, "channels-last memory format (faster convolutions)"),
+        "init_ckpt": (None, "start from these weights: any teacher checkpoint, or a timm / "
+                      "torchvision state dict of model.arch; the classifier is reset when the class "
+                      "count or head type differs; the report is printed and saved as init.json", str),
         "compile": (False, "torch.compile the model"),
     },
     "loss": {
@@ -110,6 +113,9 @@ SPEC = {
 def validate(cfg: dict) -> None:
     validate_run(cfg)
     o, s, lcfg, epochs = cfg["optim"], cfg["sched"], cfg["loss"], cfg["train"]["epochs"]
+    if cfg["model"]["init_ckpt"] is not None:
+        check(Path(cfg["model"]["init_ckpt"]).is_file(), "model.init_ckpt",
+              f"file not found: {cfg['model']['init_ckpt']}")
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
     check(all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]),
           "sched.milestones", "must be integers")
@@ -329,6 +335,8 @@ def main(cfg: dict) -> dict:
                              num_classes=arch["num_classes"], cls_num_list=counts)
     else:
         model = build_teacher(**arch)
+    if m["init_ckpt"] and resume_dir is None:  # a resumed run restores its own weights
+        run_folder.write_init_report(accelerator, out, init_teacher_from(model, m["init_ckpt"]))
     if m["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if lcfg["type"] == "ldam":
@@ -404,6 +412,7 @@ def main(cfg: dict) -> dict:
         save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
     accelerator.print(f"done: best top-1 {progress['best']}")
+    run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()

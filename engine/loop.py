@@ -7,9 +7,11 @@ the running loss for the progress bar, all in one all-reduce and one copy to the
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import math
+import multiprocessing
 import signal
 from typing import Iterator
 
@@ -173,8 +175,21 @@ def full_state_dict(accelerator, model) -> dict:
 def ignore_sigterm(worker_id: int) -> None:
     """Data-loader workers ignore SIGTERM: Slurm, ``docker stop`` and systemd signal the whole
     process group, and a worker that died first would crash the main process before it saves.
-    The main process saves at the next step and exits; its workers are then shut down by it."""
+    The main process saves at the next step and exits; at its exit ``_kill_data_workers``
+    ends the workers (a worker also exits by itself when its parent is gone)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_data_workers() -> None:
+    """At the main process's exit: SIGKILL the data-loader workers still alive. Python's own
+    exit handler (registered earlier, so it runs after this one) would SIGTERM them, which they
+    ignore, and then wait for them forever (persistent workers of a loader left mid-epoch)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_WORKER_CLEANUP = []
 
 
 def build_loaders(cfg: dict, accelerator, train_transform=None):
@@ -185,15 +200,21 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
     prepared so ``gather_for_metrics`` can drop the padding duplicates.
     """
     tcfg = cfg["train"]
-    dataset_train, dataset_val = build_datasets(
-        cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
-        build_transform(False, cfg["data"], cfg["aug"]), verbose=accelerator.is_main_process)
+    # The main process builds (and caches) the datasets first; the others then read its cache
+    # instead of racing to build the same one (several processes, several nodes).
+    with accelerator.main_process_first():
+        dataset_train, dataset_val = build_datasets(
+            cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
+            build_transform(False, cfg["data"], cfg["aug"]), verbose=accelerator.is_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = SeededSampler(build_train_sampler(dataset_train, cfg["aug"], world, rank, tcfg["seed"]),
                             tcfg["seed"], rank)
     workers = cfg["data"]["num_workers"]
     kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
               persistent_workers=workers > 0, worker_init_fn=ignore_sigterm if workers else None)
+    if workers and not _WORKER_CLEANUP:
+        atexit.register(_kill_data_workers)
+        _WORKER_CLEANUP.append(True)
     data_loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler,
                                    batch_size=tcfg["batch_size"], drop_last=tcfg["drop_last"], **kw)
     data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,

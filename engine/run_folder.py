@@ -322,3 +322,31 @@ def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoin
             atomic_torch_save(payload, Path(out) / f"{name}.pth")
             write_safetensors(payload, Path(out) / f"{name}.safetensors")  # weights only, no pickle
     return is_best
+
+
+def plot_best_per_class(accelerator, output_dir, dataset) -> None:
+    """``per_class_accuracy.png`` of the best checkpoint's metrics (the plot evaluate.py
+    draws): a run's folder shows its heads' experts at a glance. Main process only."""
+    path = Path(output_dir) / "best_checkpoint.pth"
+    if not accelerator.is_main_process or not path.is_file():
+        return
+    import analysis
+
+    metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics") or {}
+    per_class = {k: v["per_class"] for k, v in metrics.items()
+                 if isinstance(v, dict) and "per_class" in v and not k.startswith("ema_")}
+    if per_class:
+        analysis.plot_per_class(Path(output_dir) / "per_class_accuracy.png", per_class,
+                                dataset.train_counts, dataset.groups,
+                                f"{Path(output_dir).name}: best checkpoint on {dataset.split}")
+
+
+def write_init_report(accelerator, output_dir, report: dict) -> None:
+    """Print what ``model.init_ckpt`` loaded, resized and reset, and keep it as init.json."""
+    accelerator.print(f"initialised from {report['source']} ({report.get('format')}): "
+                      + "; ".join(f"{k} {len(report[k])}: {', '.join(report[k][:6])}"
+                                  + (" ..." if len(report[k]) > 6 else "")
+                                  for k in ("resized", "reset", "missing", "unexpected") if report.get(k)))
+    if accelerator.is_main_process:
+        atomic_write_text(Path(output_dir) / "init.json", json.dumps(report, indent=1))
+

@@ -15,7 +15,10 @@ the reference's ``DistillationLoss`` (DeiT's, extended by DeiT-LT):
 
 The teacher sees the student's own mixed, augmented, normalised batch ("out-of-distribution
 distillation"), resized with ``antialias=False`` to its input size, under ``no_grad`` in eval
-mode. Losses are computed in float32 whatever the autocast dtype of the logits.
+mode. Optionally (``renormalize``) that batch is re-normalised from the student's mean/std to
+the teacher's after the resize (the reference does not: its CIFAR teachers were trained with
+CIFAR statistics and are fed ImageNet-normalised batches). Losses are computed in float32
+whatever the autocast dtype of the logits.
 """
 from __future__ import annotations
 
@@ -103,6 +106,24 @@ def distillation_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
     return base_term + distill_term, base_term, distill_term
 
 
+RENORM_BUFFERS = ("renorm_from_mean", "renorm_from_std", "renorm_to_mean", "renorm_to_std")
+
+
+def renormalization_buffers(renormalize: Sequence[Sequence[float]]) -> tuple[torch.Tensor, ...]:
+    """``renormalize = (from_mean, from_std, to_mean, to_std)`` as four (1, 3, 1, 1) float32
+    tensors, validated: 3 floats each, standard deviations > 0."""
+    try:
+        parts = [tuple(float(v) for v in part) for part in renormalize]
+    except TypeError:
+        parts = []
+    if len(parts) != 4 or any(len(p) != 3 for p in parts):
+        raise ValueError(f"renormalize must be (from_mean, from_std, to_mean, to_std), 3 floats each; "
+                         f"got {renormalize!r}")
+    if not all(s > 0 for s in parts[1] + parts[3]):
+        raise ValueError(f"renormalize: the standard deviations must be > 0, got {renormalize!r}")
+    return tuple(torch.tensor(p, dtype=torch.float32).view(1, 3, 1, 1) for p in parts)
+
+
 class DistillationLoss(nn.Module):
     """The training loss; calls the teacher itself, so the loop knows nothing of distillation.
 
@@ -113,7 +134,12 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, base_criterion: Callable, teacher: nn.Module | None, distillation_type: str,
                  alpha: float, tau: float, teacher_input_size: int | Sequence[int] | None = None,
-                 class_map: Sequence[int] | None = None) -> None:
+                 class_map: Sequence[int] | None = None,
+                 renormalize: Sequence[Sequence[float]] | None = None) -> None:
+        """``renormalize=(from_mean, from_std, to_mean, to_std)`` (3 floats each): the batch the
+        teacher sees (after the resize) is ``((x * from_std + from_mean) - to_mean) / to_std``,
+        i.e. un-normalised from the student's statistics and normalised with the teacher's.
+        None (default): the student's normalised batch as it is (the reference)."""
         super().__init__()
         check_distillation_settings(distillation_type, alpha, tau)
         if distillation_type != "none" and teacher is None:
@@ -128,6 +154,10 @@ class DistillationLoss(nn.Module):
         # A buffer: moved to the device with the loss, not copied there every step.
         self.register_buffer("class_map", None if class_map is None else
                              torch.tensor(check_class_map(class_map), dtype=torch.long), persistent=False)
+        # Constant (1, 3, 1, 1) buffers, moved to the device with the loss once.
+        stats = renormalization_buffers(renormalize) if renormalize is not None else (None,) * 4
+        for name, value in zip(RENORM_BUFFERS, stats):
+            self.register_buffer(name, value, persistent=False)
         self.teacher = teacher
         if teacher is not None:
             # Never trained here: frozen, eval mode (BN running stats, no dropout), and
@@ -154,6 +184,9 @@ class DistillationLoss(nn.Module):
             # Resize default (antialias=True since 0.17) when shrinking 224 -> 32.
             x = F.interpolate(x, size=self.teacher_input_size, mode="bicubic",
                               align_corners=False, antialias=False)
+        if self.renorm_from_std is not None:  # one new tensor (x is never modified), then in place
+            x = x.mul(self.renorm_from_std).add_(self.renorm_from_mean).sub_(
+                self.renorm_to_mean).div_(self.renorm_to_std)
         return self.teacher(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, inputs: torch.Tensor, outputs: dict[str, torch.Tensor],

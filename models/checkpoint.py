@@ -25,6 +25,12 @@ runs, loading is strict):
 
 ``load_any`` dispatches on content; docs/recipe.md section 8 describes the published formats.
 
+Starting from weights (not strict; a report names what was resized, reset, missing or
+unexpected): ``init_student_from`` (any student or timm / DeiT ViT checkpoint, pos_embed
+resampled to the model's grid) and ``init_teacher_from``. ``load_named_teacher`` loads a
+teacher by timm name from timm's / torchvision's own state dict (strictly) or timm's
+pretrained weights.
+
 safetensors (``write_safetensors``; ``checkpoint.safetensors`` / ``best_checkpoint.safetensors``
 beside the .pth files): the same portable checkpoint in one file that holds only tensors and
 strings, so reading it can never run code. Tensors: the ``model`` state dict under its own keys
@@ -47,7 +53,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,6 +68,7 @@ from utils import to_plain
 
 __all__ = ["make_checkpoint", "load_student", "load_teacher", "load_any", "student_from_checkpoint",
            "teacher_from_checkpoint", "write_safetensors", "read_safetensors", "read_checkpoint",
+           "init_student_from", "init_teacher_from", "load_named_teacher", "adapt_pos_embed",
            "CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"]
 
 
@@ -258,10 +265,37 @@ def teacher_from_checkpoint(ckpt: Any, arch: str | None = None, num_classes: int
     Given ``arch``/``num_classes``/``head`` take precedence over what the file says or implies;
     a contradiction then shows up as a strict-loading error naming the keys and shapes.
     """
+    fmt, state, stored, class_map, paco_classifier, dropped, extra = teacher_state_from_checkpoint(ckpt, source)
+    arch = arch or stored.get("arch") or infer_teacher_arch(state)
+    if arch is None:
+        raise CheckpointError(f"{source}: cannot infer the teacher architecture from its keys; pass arch=")
+    classifier = classifier_name_of(arch)
+    if fmt == "paco":  # PaCo's classifier is `linear`; ResNet-50's is `fc`
+        state.update({f"{classifier}.{k}": v for k, v in paco_classifier.items()})
+    inferred_head, inferred_classes = infer_head(state, classifier)
+    resolved = {"arch": arch,
+                "num_classes": num_classes or stored.get("num_classes") or inferred_classes,
+                "head": head or stored.get("head") or inferred_head}
+    model = build_teacher(**resolved)
+    load_state_dict_strict(model, state, f"{source} ({fmt} teacher format)")
+    model.eval()
+    info = {"kind": "teacher", "format": fmt, "arch": resolved, "class_map": to_plain(class_map),
+            "dropped_keys": dropped, "source": source, **extra}
+    return model, info
+
+
+def teacher_state_from_checkpoint(ckpt: Any, source: str = "checkpoint"
+                                  ) -> tuple[str, dict, dict, Any, dict, list, dict]:
+    """What a teacher checkpoint holds, without building a model:
+    ``(format, state, stored arch, class_map, paco classifier, dropped keys, extra info)``.
+
+    ``state`` has no wrapper prefixes; for ``paco`` it is the query backbone only and the
+    classifier (``linear.*`` without the prefix) is the fifth item (empty otherwise).
+    """
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
     stored: dict = {}
-    class_map, dropped, extra = None, [], {}
+    class_map, dropped, extra, paco_classifier = None, [], {}, {}
     if ckpt.get("kind") == "teacher":
         fmt, state = "project", strip_wrapper_prefixes(ckpt["model"])
         stored = dict(ckpt.get("arch") or {})
@@ -287,22 +321,7 @@ def teacher_from_checkpoint(ckpt: Any, arch: str | None = None, num_classes: int
 
     if fmt == "paco":
         state, paco_classifier, dropped = split_paco_state_dict(state)
-    arch = arch or stored.get("arch") or infer_teacher_arch(state)
-    if arch is None:
-        raise CheckpointError(f"{source}: cannot infer the teacher architecture from its keys; pass arch=")
-    classifier = classifier_name_of(arch)
-    if fmt == "paco":  # PaCo's classifier is `linear`; ResNet-50's is `fc`
-        state.update({f"{classifier}.{k}": v for k, v in paco_classifier.items()})
-    inferred_head, inferred_classes = infer_head(state, classifier)
-    resolved = {"arch": arch,
-                "num_classes": num_classes or stored.get("num_classes") or inferred_classes,
-                "head": head or stored.get("head") or inferred_head}
-    model = build_teacher(**resolved)
-    load_state_dict_strict(model, state, f"{source} ({fmt} teacher format)")
-    model.eval()
-    info = {"kind": "teacher", "format": fmt, "arch": resolved, "class_map": to_plain(class_map),
-            "dropped_keys": dropped, "source": source, **extra}
-    return model, info
+    return fmt, state, stored, class_map, paco_classifier, dropped, extra
 
 
 def load_teacher(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
@@ -449,3 +468,359 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if is_safetensors_path(path):
         return read_safetensors(path)
     return safe_load(path)
+
+
+# ----------------------------------------------------------------------------- initialising from weights
+#
+# Starting a run from weights (DeiT's ``--finetune``): the model is built for the new run (its
+# classes, resolution) and takes from a file what fits. Unlike the strict loaders above,
+# missing and unexpected keys are allowed, and every departure is named in the returned report,
+# which the scripts print and keep with the run. Shapes that cannot be adapted (another patch
+# size or width) are refused; the position embedding is resampled to the model's grid; the
+# classifiers are reset when the class count differs.
+
+STUDENT_HEAD_MODULES = ("head", "head_dist")  # DistilledStudent.head_modules(), by module name
+_PACO_DERIVED = ("encoder_k.", "linear_k.", "queue")  # copies / buffers of a PaCo model
+
+
+def _square_side(n: int) -> int | None:
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side and side * side == n else None
+
+
+def _tensor_state(state: Any, source: str) -> dict:
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{source}: holds no state dict of weights")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: state dict entries that are not tensors: {bad[:10]}")
+    return strip_wrapper_prefixes(state)
+
+
+def student_init_state(ckpt: Any, source: str = "checkpoint", ema: bool = False
+                       ) -> tuple[str, str, dict]:
+    """``(format, weights entry, state dict)`` of any ViT checkpoint a student can start from.
+
+    Formats: ``project`` (``kind: student``), ``reference`` (the reference's training state,
+    with ``args``), ``timm`` (a timm / DeiT ImageNet checkpoint: ``{"model": sd}`` as DeiT
+    releases them, ``{"state_dict": sd}`` as timm's train.py saves them, or a bare state
+    dict, .pth or .safetensors). ``ema=True`` takes the EMA weights (``model_ema`` /
+    ``state_dict_ema``). Wrapper prefixes (``module.``, ``_orig_mod.``) are removed.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    kind = ckpt.get("kind")
+    if kind is not None and kind != "student":
+        raise CheckpointError(f"{source}: is a {kind!r} checkpoint, not a student's (a ViT's) weights")
+    if kind == "student" or isinstance(ckpt.get("model"), Mapping):
+        fmt = "project" if kind == "student" else ("reference" if "args" in ckpt else "timm")
+        key = "model_ema" if ema else "model"
+    elif isinstance(ckpt.get("state_dict"), Mapping):
+        fmt, key = "timm", "state_dict_ema" if ema else "state_dict"
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if ema:
+            raise CheckpointError(f"{source}: a bare state dict has no EMA weights")
+        fmt, key, state = "timm", "", strip_wrapper_prefixes(ckpt)
+    else:
+        raise CheckpointError(f"{source}: unrecognised checkpoint (keys: {sorted(map(str, ckpt))[:10]})")
+    if key:
+        if ckpt.get(key) is None:
+            raise CheckpointError(f"{source}: has no {key!r} weights")
+        state = _tensor_state(ckpt[key], f"{source} [{key}]")
+    needed = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
+    if needed:
+        raise CheckpointError(f"{source}: not a ViT checkpoint (no {', '.join(needed)} in its "
+                              f"{key or 'state dict'})")
+    return fmt, key, state
+
+
+def _prefix_tokens(model: nn.Module) -> list[str]:
+    """Names of the model's prefix tokens in sequence order (cls, dist for the student)."""
+    heads = getattr(model, "HEADS", None)
+    if isinstance(heads, Mapping):
+        return sorted(heads, key=heads.get)
+    return ["cls", "dist"][: int(getattr(model, "num_prefix_tokens", 1))]
+
+
+def adapt_pos_embed(file_state: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint",
+                    interpolation: str = "bicubic", antialias: bool = True) -> tuple[torch.Tensor, dict]:
+    """The file's ``pos_embed`` made to fit ``model``: its patch grid resampled to the model's
+    (``timm.layers.resample_abs_pos_embed`` with the file's number of prefix positions, as
+    timm's own checkpoint filter does), its prefix positions mapped by token name. A model
+    token the file does not have (the DIST token of a plain timm ViT, any token of a
+    ``no_embed_class`` file) keeps the model's own (fresh) position.
+
+    Returns ``(pos_embed, detail)``; CheckpointError for another width or a non-square grid.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    pe, own = file_state["pos_embed"], model.state_dict()["pos_embed"]
+    if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[-1] != own.shape[-1]:
+        raise CheckpointMismatchError(f"{source}: pos_embed: file {tuple(pe.shape)} vs model "
+                                      f"{tuple(own.shape)} (another width cannot be adapted)")
+    tokens = ["cls"] + (["dist"] if "dist_token" in file_state else []) \
+        + ["reg"] * (int(file_state["reg_token"].shape[1]) if "reg_token" in file_state else 0)
+    n = pe.shape[1]
+    if _square_side(n - len(tokens)) is not None:
+        file_prefix = tokens
+    elif _square_side(n) is not None:  # timm's no_embed_class (DeiT III...): no prefix positions
+        file_prefix = []
+    else:
+        raise CheckpointError(f"{source}: pos_embed has {n} positions: not {len(tokens)} prefix "
+                              f"tokens plus a square patch grid")
+    side = _square_side(n - len(file_prefix))
+    model_grid = [int(g) for g in model.patch_embed.grid_size]
+    model_tokens = _prefix_tokens(model)
+    model_prefix = own.shape[1] - model_grid[0] * model_grid[1]
+    if model_prefix not in (0, len(model_tokens)):
+        raise ValueError(f"the model's pos_embed {tuple(own.shape)} does not fit its grid {model_grid}")
+    model_tokens = model_tokens[:model_prefix]
+    detail = {"file_grid": [side, side], "model_grid": model_grid,
+              "file_prefix_tokens": len(file_prefix), "model_prefix_tokens": len(model_tokens),
+              "kept_model_positions": [t for t in model_tokens if t not in file_prefix]}
+    if [side, side] != model_grid:
+        pe = resample_abs_pos_embed(pe.float(), new_size=model_grid, old_size=[side, side],
+                                    num_prefix_tokens=len(file_prefix), interpolation=interpolation,
+                                    antialias=antialias).to(own.dtype)
+    grid = pe[:, len(file_prefix):]
+    prefix = [pe[:, file_prefix.index(t)] if t in file_prefix else own[:, i].to(pe.dtype)
+              for i, t in enumerate(model_tokens)]
+    out = torch.cat([torch.stack(prefix, dim=1), grid], dim=1) if prefix else grid
+    return out.to(own.dtype).contiguous(), detail
+
+
+def _partial_load(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                  head_modules: Sequence[str], reset_heads: bool | None,
+                  head_type_differs: Callable[[str], bool] = lambda _: False) -> dict:
+    """Load what fits of ``state`` into ``model`` (``strict=False``) and say what did not.
+
+    A head module (its keys ``<name>.*``) is reset, i.e. keeps the model's fresh init, when any
+    of its shapes differ (another class count) or ``head_type_differs(name)``, always with
+    ``reset_heads=True``, never with ``reset_heads=False`` (a difference is then an error).
+    Any other shape difference is a CheckpointMismatchError naming keys and shapes.
+    """
+    own = model.state_dict()
+
+    def shape_differs(k: str) -> bool:
+        return k in own and tuple(own[k].shape) != tuple(state[k].shape)
+
+    reset: list[str] = []
+    for name in head_modules:
+        keys = [k for k in own if k.startswith(name + ".") and k in state]
+        differs = any(shape_differs(k) for k in keys) or (bool(keys) and head_type_differs(name))
+        if reset_heads is False and differs:
+            raise CheckpointMismatchError(
+                f"{source}: classifier {name!r} does not fit (another class count or head type) and "
+                f"reset_heads=False" + "".join(f"\n  {k}: file {tuple(state[k].shape)} vs model "
+                                               f"{tuple(own[k].shape)}" for k in keys))
+        if keys and (differs or reset_heads):
+            reset += keys
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k not in reset and shape_differs(k)]
+    if mismatched:
+        raise CheckpointMismatchError(
+            f"{source}: cannot initialise the model from it: shapes differ where they cannot be "
+            f"adapted (another patch size, width or architecture)\n  " + "\n  ".join(mismatched))
+    to_load = {k: v for k, v in state.items() if k in own and k not in reset}
+    if not to_load:
+        raise CheckpointMismatchError(f"{source}: shares no weights with the model (file keys: "
+                                      f"{list(state)[:10]})")
+    model.load_state_dict(to_load, strict=False)
+    # BatchNorm's num_batches_tracked is absent from old torchvision files; its default is fine.
+    missing = [k for k in own if k not in to_load and k not in reset
+               and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    return {"loaded": len(to_load), "reset": reset, "missing": missing, "unexpected": unexpected}
+
+
+def init_student_from(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
+                      reset_heads: bool | None = None) -> dict:
+    """Initialise a freshly built ``DistilledStudent`` from a checkpoint (DeiT's ``--finetune``).
+
+    ``path``: anything ``evaluate.py`` reads as a student (the project's .pth / .safetensors,
+    the reference's student file) or a timm / DeiT ImageNet ViT checkpoint (bare, or under
+    ``model`` / ``state_dict``, with or without wrapper prefixes; a plain ViT without
+    ``dist_token`` / ``head_dist`` also works: those stay initialised). Read safely
+    (``read_checkpoint``: nothing is unpickled beyond the allow-list).
+
+    * ``pos_embed``: resampled to the model's patch grid when it differs (``adapt_pos_embed``);
+    * another patch size or width: CheckpointMismatchError naming keys and shapes;
+    * ``head.*`` / ``head_dist.*``: reset (the model's fresh init kept) when the class count
+      differs; ``reset_heads=True`` always resets them (the same count in another class
+      order, e.g. ImageNet-1k into frequency-sorted ImageNet-LT), ``False`` refuses a mismatch;
+    * ``ema=True``: start from the file's EMA weights.
+
+    Returns the report ``{"source", "format", "weights", "resized", "reset", "missing",
+    "unexpected", "loaded", "pos_embed"}`` (plain types, for the run's log / config).
+    """
+    from models.student import unwrap
+
+    source = os.fspath(path)
+    target = unwrap(model)
+    ckpt = read_checkpoint(path)
+
+    def build():
+        fmt, key, state = student_init_state(ckpt, source, ema=ema)
+        state = dict(state)
+        resized = []
+        pe, detail = adapt_pos_embed(state, target, source)
+        if detail["file_grid"] != detail["model_grid"] \
+                or detail["file_prefix_tokens"] != detail["model_prefix_tokens"]:
+            resized.append("pos_embed")
+        state["pos_embed"] = pe
+        report = _partial_load(target, state, source, head_modules=STUDENT_HEAD_MODULES,
+                               reset_heads=reset_heads)
+        return {"source": source, "format": fmt, "weights": key or "state dict",
+                "resized": resized, "reset": report["reset"], "missing": report["missing"],
+                "unexpected": report["unexpected"], "loaded": report["loaded"], "pos_embed": detail}
+
+    return _reading(path, build)
+
+
+def init_teacher_from(model: nn.Module, path: str | os.PathLike, *,
+                      reset_classifier: bool | None = None) -> dict:
+    """Initialise a freshly built teacher (``build_teacher``, or ``build_paco``'s PaCo model)
+    from any teacher checkpoint ``load_teacher`` reads (project, plain / bare, LDAM, PaCo,
+    .pth or .safetensors), or a timm / torchvision state dict of the same architecture.
+
+    The classifier is reset (the model's fresh init kept) when its class count or head type
+    (linear / normed) differs; ``reset_classifier=True`` always resets it, ``False`` refuses a
+    mismatch. Other shape differences: CheckpointMismatchError naming keys and shapes. A PaCo
+    model gets the backbone in ``encoder_q`` and the classifier in ``linear``, then the key
+    encoder and ``linear_k`` are set equal to them (as at PaCo's start); its projection keeps
+    its init. Returns ``{"source", "format", "reset", "missing", "unexpected", "loaded",
+    "dropped_keys"}``.
+    """
+    from models.paco import PaCoModel
+    from models.resnet_cifar import NormedLinear
+    from models.student import unwrap
+    from models.teacher import classifier_name
+
+    source = os.fspath(path)
+    target = unwrap(model)
+    ckpt = read_checkpoint(path)
+
+    def build():
+        if isinstance(ckpt, Mapping) and ckpt.get("kind") == "student":
+            raise CheckpointError(f"{source}: is a 'student' checkpoint, not a teacher's weights")
+        fmt, state, _, _, paco_classifier, dropped, _ = teacher_state_from_checkpoint(ckpt, source)
+        paco = isinstance(target, PaCoModel)
+        backbone = target.encoder_q if paco else target
+        arch = getattr(backbone, "teacher_arch", {}).get("arch")
+        if arch is not None:
+            classifier = classifier_name_of(arch)
+        elif paco:
+            raise ValueError("a PaCo model not made by build_paco: its backbone's arch is unknown")
+        else:
+            classifier = classifier_name(target)
+        state = dict(state)
+        if fmt == "paco":
+            state.update({f"{classifier}.{k}": v for k, v in paco_classifier.items()})
+        file_normed = f"{classifier}.weight" in state and f"{classifier}.bias" not in state
+        if paco:  # the plain teacher's keys -> PaCo's: backbone in encoder_q, classifier `linear`
+            head = "linear"
+            state = {(f"linear.{k[len(classifier) + 1:]}" if k.startswith(classifier + ".")
+                      else f"encoder_q.{k}"): v for k, v in state.items()}
+            model_normed = False
+        else:
+            head = classifier
+            model_normed = isinstance(target.get_submodule(classifier), NormedLinear)
+        report = _partial_load(target, state, source, head_modules=[head], reset_heads=reset_classifier,
+                               head_type_differs=lambda _: file_normed != model_normed)
+        if paco:
+            with torch.no_grad():
+                target.encoder_k.load_state_dict(target.encoder_q.state_dict())
+                target.linear_k.load_state_dict(target.linear.state_dict())
+            report["missing"] = [k for k in report["missing"] if not k.startswith(_PACO_DERIVED)]
+        return {"source": source, "format": fmt, **report, "dropped_keys": dropped}
+
+    return _reading(path, build)
+
+
+# ----------------------------------------------------------------------------- teachers by name
+
+
+def _fill_num_batches_tracked(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """``state`` plus the model's own ``*.num_batches_tracked`` where the file has none (old
+    torchvision files predate that buffer; it only counts updates and is not used in eval)."""
+    state, filled = dict(state), []
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = value.clone()
+            filled.append(key)
+    return state, filled
+
+
+def load_named_teacher(name: str, num_classes: int, ckpt: str | os.PathLike | None = None,
+                       pretrained: bool = False) -> tuple[nn.Module, dict]:
+    """A teacher by architecture name (``resnet32``, ``resnet50`` or any timm CNN), strictly
+    loaded, in eval mode.
+
+    ``ckpt``: weights in timm's or torchvision's own format (a bare state dict, or under
+    ``state_dict`` / ``model``; .pth or .safetensors) whose keys are exactly timm's /
+    torchvision's for that model (``build_teacher`` keeps timm's keys for timm names; our
+    ``resnet50`` has torchvision's = timm's ResNet-50 keys); a project, LDAM or PaCo file
+    also loads (with its own head). Missing / unexpected keys and shape mismatches are a
+    CheckpointMismatchError naming them (a missing BatchNorm ``num_batches_tracked`` is
+    filled in and listed in ``info['filled']``).
+
+    ``pretrained=True`` instead: ``timm.create_model(name, pretrained=True,
+    num_classes=num_classes)`` (needs the network or timm's cache); with another class count
+    than the pretrained weights', timm gives a fresh classifier (``info['classifier']``).
+
+    ``info``: like ``load_teacher``'s: ``{"kind": "teacher", "format": "timm" (or the file's
+    'project' / 'paco' format), "arch": {...}, "class_map": None (or the project file's),
+    "dropped_keys", "source", "pretrained", "filled", ...}``.
+    """
+    import timm
+
+    from models.teacher import teacher_arch_of
+
+    if pretrained and ckpt is not None:
+        raise ConfigError(f"teacher {name!r}: give a checkpoint or pretrained=True, not both")
+    if not pretrained and ckpt is None:
+        raise ConfigError(f"teacher {name!r}: needs a checkpoint or pretrained=True (a randomly "
+                          f"initialised teacher teaches nothing)")
+    if pretrained:
+        if name == "resnet32" or not timm.is_model(name):
+            raise ConfigError(f"teacher {name!r}: pretrained=True needs a timm model name "
+                              f"(timm.list_models(pretrained=True))")
+        source = f"timm:{name} (pretrained)"
+        donor = timm.create_model(name, pretrained=True, num_classes=num_classes)
+        model = build_teacher(name, num_classes, head="linear")
+        state, filled = _fill_num_batches_tracked(model, strip_wrapper_prefixes(donor.state_dict()))
+        load_state_dict_strict(model, state, f"{source} weights")
+        cfg = getattr(donor, "pretrained_cfg", None)
+        if isinstance(cfg, Mapping):
+            model.pretrained_cfg = dict(cfg)  # teacher_normalization reads the weights' mean/std
+        pretrained_classes = cfg.get("num_classes") if isinstance(cfg, Mapping) else None
+        info = {"kind": "teacher", "format": "timm", "arch": teacher_arch_of(model), "class_map": None,
+                "dropped_keys": [], "source": source, "pretrained": True, "filled": filled,
+                "classifier": "pretrained" if pretrained_classes == num_classes else
+                f"fresh (the pretrained weights have {pretrained_classes} classes)"}
+        return model.eval(), info
+
+    source = os.fspath(ckpt)
+    raw = read_checkpoint(ckpt)
+
+    def build():
+        if isinstance(raw, Mapping) and raw.get("kind") not in (None, "teacher"):
+            raise CheckpointError(f"{source}: is a {raw['kind']!r} checkpoint, not a teacher")
+        fmt, state, stored, class_map, paco_classifier, dropped, extra = \
+            teacher_state_from_checkpoint(raw, source)
+        classifier = classifier_name_of(name)
+        if fmt == "paco":
+            state.update({f"{classifier}.{k}": v for k, v in paco_classifier.items()})
+        head = stored.get("head") or ("normed" if f"{classifier}.weight" in state
+                                      and f"{classifier}.bias" not in state else "linear")
+        model = build_teacher(name, num_classes, head=head)
+        state, filled = _fill_num_batches_tracked(model, state)
+        label = "timm" if fmt in ("plain", "ldam") else fmt  # a bare / wrapped state dict
+        load_state_dict_strict(model, state, f"{source} ({label} state dict for teacher {name!r})")
+        info = {"kind": "teacher", "format": label, "arch": teacher_arch_of(model),
+                "class_map": to_plain(class_map), "dropped_keys": dropped, "source": source,
+                "pretrained": False, "filled": filled,
+                **{k: v for k, v in extra.items() if v is not None}}
+        return model.eval(), info
+
+    return _reading(ckpt, build)

@@ -160,3 +160,84 @@ def teacher_input_size(info: dict, default: int) -> int:
                 f"foreign file? (distill.teacher_input_size / eval.teacher_input_size set it explicitly)")
         return size
     return 32 if info["arch"].get("arch") == "resnet32" else default
+
+
+# ----------------------------------------------------------------------------- input normalisation
+
+
+def _mean_std(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        return None
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        return None
+    return mean, std
+
+
+def teacher_normalization(model: nn.Module | None, info: dict | None = None
+                          ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a teacher expects its input normalised with, or None when unknown.
+
+    First what the teacher was trained with, when the checkpoint says (``info['config']
+    ['aug']['normalize']`` of a project checkpoint: 'imagenet' or 'cifar'); else the timm
+    model's ``pretrained_cfg`` mean/std (the statistics of timm's pretrained weights for that
+    name; ``load_named_teacher(pretrained=True)`` sets those of the weights it loaded). Call it
+    before ``fold_batchnorm``, whose traced copy does not keep ``pretrained_cfg``.
+    """
+    from data.transforms import NORMALIZATION
+    from models.student import unwrap
+
+    config = info.get("config") if isinstance(info, dict) else None
+    aug = config.get("aug") if isinstance(config, dict) else None
+    if isinstance(aug, dict) and aug.get("normalize") in NORMALIZATION:
+        return NORMALIZATION[aug["normalize"]]
+    if model is None:
+        return None
+    model = unwrap(model)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            found = _mean_std(cfg["mean"], cfg["std"])
+            if found is not None:
+                return found
+    return None
+
+
+TEACHER_NORMALIZE = ("student", "teacher", "imagenet", "cifar")
+
+
+def teacher_renormalization(mode: str, student_normalize, teacher: nn.Module | None = None,
+                            info: dict | None = None) -> tuple | None:
+    """``DistillationLoss(renormalize=...)`` for ``mode`` (``distill.teacher_normalize``), or None.
+
+    ``student``: none, the teacher sees the student's normalised batch (the reference);
+    ``teacher``: to the teacher's own mean/std (``teacher_normalization``; ConfigError when it
+    says nothing); ``imagenet`` / ``cifar``: to those statistics. ``student_normalize``: the
+    student's ``aug.normalize`` name or a (mean, std) pair. None too when the two agree.
+    """
+    from data.transforms import NORMALIZATION
+
+    if mode not in TEACHER_NORMALIZE:
+        raise ConfigError(f"distill.teacher_normalize must be one of {TEACHER_NORMALIZE}, got {mode!r}")
+    if mode == "student":
+        return None
+    if isinstance(student_normalize, str):
+        if student_normalize not in NORMALIZATION:
+            raise ConfigError(f"aug.normalize must be one of {tuple(NORMALIZATION)}, got {student_normalize!r}")
+        student_normalize = NORMALIZATION[student_normalize]
+    source = _mean_std(*student_normalize)
+    if source is None:
+        raise ConfigError(f"the student's normalisation must be (3 means, 3 positive stds), got {student_normalize!r}")
+    if mode == "teacher":
+        target = teacher_normalization(teacher, info)
+        if target is None:
+            raise ConfigError("distill.teacher_normalize=teacher: the teacher does not say which mean/std "
+                              "it expects (no stored aug.normalize, no timm pretrained_cfg); use "
+                              "'imagenet' or 'cifar', or 'student' for the reference's behaviour")
+    else:
+        target = NORMALIZATION[mode]
+    target = _mean_std(*target)
+    if all(abs(a - b) < 1e-12 for a, b in zip(source[0] + source[1], target[0] + target[1])):
+        return None
+    return (source[0], source[1], target[0], target[1])

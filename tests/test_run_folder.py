@@ -11,6 +11,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,19 @@ def test_sigterm_to_the_process_group_saves(tiny_data, tmp_path):
     assert proc.returncode == 0, output
     assert "SIGTERM received: state saved" in output and "killed by signal" not in output
     assert json.loads((out / "state" / "progress.json").read_text())["step"] >= 2
+
+
+def test_runs_with_data_workers_exit(tiny_data, tmp_path):
+    """Workers ignore SIGTERM; a run that leaves a persistent loader mid-epoch (a step cap)
+    must still exit, and so must a run that stops on an error."""
+    out = tmp_path / "workers"
+    start = time.monotonic()
+    run(student(tiny_data, out, "data.num_workers=2", "train.max_steps_per_epoch=1"), timeout=300)
+    proc = run(student(tiny_data, tmp_path / "bad", "data.num_workers=2", "train.max_steps_per_epoch=1",
+                       "distill.type=hard", f"distill.teacher_ckpt={out / 'checkpoint.pth'}"),
+               check=False, timeout=300)  # a student checkpoint given as teacher: refused
+    assert proc.returncode == 2 and "not a teacher" in proc.stderr
+    assert time.monotonic() - start < 300
 
 
 def test_a_bad_test_image_never_costs_the_epochs_training(tmp_path):
@@ -173,3 +187,33 @@ def test_tensorboard_records_what_log_txt_records(tiny_data, tmp_path):
             if record.get(key) is not None:
                 assert scalars[key][record["epoch"]] == pytest.approx(record[key], rel=1e-6), key
     assert len(scalars["step/loss"]) == 6  # 2 epochs x 3 steps, logged every step
+
+
+def test_student_from_weights_with_another_grid_and_class_count(tiny_data, tmp_path):
+    """model.init_ckpt (DeiT's --finetune): a 5-class student at 8x8 patches initialises the
+    10-class 32x32 / patch-4 student (8x8 -> 8x8 here is the same grid, so save it at img 16)."""
+    from models import build_student, student_arch
+
+    src = build_student(student_arch("deit_tiny_distilled_patch4_16", 5, depth=1, embed_dim=48, num_heads=3))
+    torch.save({"model": src.state_dict()}, tmp_path / "deit_style.pth")  # DeiT's release layout
+    out = tmp_path / "finetune"
+    proc = run(student(tiny_data, out, f"model.init_ckpt={tmp_path / 'deit_style.pth'}"))
+    report = json.loads((out / "init.json").read_text())
+    assert report["resized"] == ["pos_embed"]
+    assert set(report["reset"]) == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert "initialised from" in proc.stdout and log_lines(out)[0]["train_loss"] > 0
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["config"]["model"]["init_ckpt"] == str(tmp_path / "deit_style.pth")
+
+
+def test_a_timm_teacher_by_name_distils(tiny_data, tmp_path):
+    import timm
+
+    teacher = timm.create_model("resnet10t", num_classes=10, pretrained=False)
+    torch.save(teacher.state_dict(), tmp_path / "resnet10t.pth")  # timm's own format
+    out = tmp_path / "timm_teacher"
+    proc = run(student(tiny_data, out, "distill.type=hard", "distill.drw_epoch=1", "train.epochs=2",
+                       "distill.teacher_model=resnet10t", f"distill.teacher_ckpt={tmp_path / 'resnet10t.pth'}",
+                       "distill.teacher_normalize=cifar"))
+    assert "'arch': 'resnet10t'" in proc.stdout and "re-normalised" in proc.stdout
+    assert [r["epoch"] for r in log_lines(out)] == [0, 1] and log_lines(out)[1]["train_distill"] > 0

@@ -378,6 +378,10 @@ def test_main_job_pipeline_on_tiny_data(tmp_path):
         assert head in proc.stdout
     assert "tail" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
+    from analysis import experts_sentence
+
+    assert experts_sentence(result) in proc.stdout  # the sentence saying what the table shows
+    assert "reaches 87.5 overall" in proc.stdout and "configs/cifar10_lt.yaml" in proc.stdout
     assert result["kind"] == "student" and result["overall"] == result["avg"]["top1"]
     assert result["num_samples"] == 50
     assert (out / "eval" / "per_class_accuracy.png").stat().st_size > 0
