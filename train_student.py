@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from data import AUG_SPEC, DATA_SPEC
 from engine import loop, metrics as eval_metrics, run_folder, trackers
-from engine.device import build_accelerator, precision_summary
+from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
@@ -38,7 +38,7 @@ from models.checkpoint import init_student_from, load_named_teacher, load_teache
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
 from models.teacher import fold_batchnorm, teacher_input_size, teacher_renormalization
-from utils import check, git_sha, load_config, with_defaults
+from utils import check, load_config, with_defaults
 
 SPEC = {
     "data": dict(DATA_SPEC),
@@ -383,6 +383,10 @@ def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator
     else:
         teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
     source = dcfg["teacher_ckpt"] or f"timm's pretrained {dcfg['teacher_model']}"
+    bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"teacher {source} has non-finite weights ({len(bad)} tensors: "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): it cannot teach")
     t_classes = tinfo["arch"]["num_classes"]
     if t_classes != dataset.num_classes:
         raise CheckpointError(f"teacher {source} predicts {t_classes} classes but the data has "
@@ -414,11 +418,7 @@ def main(cfg: dict) -> dict:
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator)
     num_classes = dataset_train.num_classes
-    steps = loop.steps_per_epoch(len(data_loader_train), accum, tcfg["max_steps_per_epoch"])
-    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {precision_summary(accelerator)} | effective batch "
-                      f"{tcfg['batch_size'] * world * accum} ({tcfg['batch_size']} x {world} processes x "
-                      f"{accum} accumulation) | {steps} optimiser steps/epoch | peak lr {peak_lr:.3e}")
+    accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"peak lr {peak_lr:.3e}"))
 
     # ------------------------------------------------------------------ model
     model, arch = build_model(cfg, num_classes)

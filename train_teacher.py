@@ -26,7 +26,7 @@ from data import AUG_SPEC, DATA_SPEC
 from data.paco_views import paco_transform
 from data.transforms import NORMALIZATION
 from engine import loop, metrics as eval_metrics, run_folder, trackers
-from engine.device import build_accelerator, precision_summary
+from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import ConfigError, run_main
@@ -38,7 +38,7 @@ from models.checkpoint import init_teacher_from, make_checkpoint
 from models.paco import build_paco
 from models.student import unwrap
 from models.teacher import build_teacher
-from utils import Nullable, check, git_sha, load_config, with_defaults
+from utils import Nullable, check, load_config, with_defaults
 
 
 SPEC = {
@@ -317,11 +317,7 @@ def main(cfg: dict) -> dict:
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator, train_transform=paco_views)
     counts = dataset_train.train_counts
-    steps = loop.steps_per_epoch(len(data_loader_train), accum, tcfg["max_steps_per_epoch"])
-    accelerator.print(f"git {git_sha()} | processes {world} | device {accelerator.device} | "
-                      f"precision {precision_summary(accelerator)} | effective batch "
-                      f"{tcfg['batch_size'] * world * accum} ({tcfg['batch_size']} x {world} processes x "
-                      f"{accum} accumulation) | {steps} optimiser steps/epoch | lr {cfg['optim']['lr']}")
+    accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"lr {cfg['optim']['lr']}"))
 
     # ------------------------------------------------------------------ model, loss, optimiser
     m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]

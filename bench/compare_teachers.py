@@ -23,7 +23,7 @@ def collect(run_dir: Path) -> dict:
     teacher = json.loads((run_dir / "teacher" / "eval.json").read_text())
     student = json.loads((run_dir / "deitlt" / "eval.json").read_text())
     result = {"dir": str(run_dir), "teacher": four(teacher["logits"]),
-              "student": {h: four(student[h]) for h in ("cls", "dist", "avg")},
+              "student": {h: four(student[h]) for h in student["heads"]},  # evaluate.py's heads + prediction
               "teacher_epoch_seconds": epoch_times(run_dir / "teacher"),
               "student_epoch_seconds": epoch_times(run_dir / "deitlt")}
     agreement = student.get("analysis", {}).get("agreement")
@@ -54,7 +54,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}}
     lines = ["| teacher kind | model | overall | head | mid | tail |", "|---|---|---|---|---|---|"]
     for label, run in runs.items():
-        rows = [("teacher", run["teacher"])] + [(f"student {h}", run["student"][h]) for h in ("cls", "dist", "avg")]
+        rows = [("teacher", run["teacher"])] + [(f"student {h}", run["student"][h]) for h in run["student"]]
         lines += [f"| {label} | {name} | " + " | ".join(f"{m[k]:.1f}" for k in KEYS) + " |" for name, m in rows]
     lines += ["", "| teacher kind | teacher training (s) | mean s/epoch |", "|---|---|---|"]
     for label, run in runs.items():

@@ -253,7 +253,7 @@ student_run() {  # student_run NAME KIND(ddp|fsdp|compile) PRECISION
     # shellcheck disable=SC2046
     step "$1" train "$cap" --out-dir "$out" "${note[@]}" -- $(launch "$cfg" "$3") \
         train_student.py --config configs/cifar10_lt.yaml "${COMMON[@]}" "${S_MODEL[@]}" \
-        "train.batch_size=$S_BATCH" "train.accum_steps=$S_ACCUM" "train.max_steps_per_epoch=$S_STEPS" \
+        "train.batch_size=$S_BATCH" "train.accum_steps=$S_ACCUM" train.recipe_processes=null "train.max_steps_per_epoch=$S_STEPS" \
         distill.drw_epoch=null "${DISTILL[@]}" "train.mixed_precision=$3" "${extra[@]}" \
         "train.output_dir=$out"
 }

@@ -40,7 +40,8 @@ def main() -> None:
     evals = {run: json.loads((out / run / "eval.json").read_text()) for run in ("teacher", "deitlt", "baseline")}
     result = {"teacher": four(evals["teacher"]["logits"])}
     for run in ("deitlt", "baseline"):
-        result[run] = {**four(evals[run]["avg"]), **{h: four(evals[run][h]) for h in ("cls", "dist", "avg")}}
+        e = evals[run]  # evaluate.py's JSON: its heads, then the reported prediction
+        result[run] = {**four(e[e["prediction"]]), **{h: four(e[h]) for h in e["heads"]}}
     agreement = evals["deitlt"].get("analysis", {}).get("agreement")
     if agreement:
         result["deitlt"]["agreement"] = agreement
@@ -65,7 +66,7 @@ def main() -> None:
     (res_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [("teacher (ResNet-32 LDAM-DRW + SAM)", result["teacher"])]
     for run, label in (("deitlt", "DeiT-LT student"), ("baseline", "ViT without teacher")):
-        rows += [(f"{label}: {h}", result[run][h]) for h in ("cls", "dist", "avg")]
+        rows += [(f"{label}: {h}", result[run][h]) for h in evals[run]["heads"]]
     lines = ["| model | overall | head | mid | tail |", "|---|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in KEYS) + " |" for name, m in rows]
     (res_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -565,7 +565,7 @@ def print_table(report: dict) -> None:
         e = report["eval_check"]
         print(f"eval check: {e['data']}; weights: {e['weights']}")
         for name, acc in e["top1"].items():
-            line = "  ".join(f"{head} {acc[head]:6.2f}" for head in ("cls", "dist", "avg"))
+            line = "  ".join(f"{head} {value:6.2f}" for head, value in acc.items())
             if name != "fp32":
                 diff = e["top1_diff_points_vs_fp32"][name]
                 line += ("  | diff vs fp32 (points): " + " ".join(f"{h} {diff[h]:+.2f}" for h in diff)

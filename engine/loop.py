@@ -53,6 +53,19 @@ def epoch_fraction(step: int, accum: int, num_batches: int, num_steps: int) -> f
     return step * accum / min(num_batches, num_steps * accum)
 
 
+def run_banner(accelerator, train_cfg: dict, accum: int, num_batches: int, lr_text: str) -> str:
+    """The start-up line: git commit, processes, device, the precision that actually runs, the
+    effective batch and its factors, optimiser steps per epoch, the lr."""
+    from engine.device import precision_summary
+    from utils import git_sha
+
+    world, batch = accelerator.num_processes, train_cfg["batch_size"]
+    steps = steps_per_epoch(num_batches, accum, train_cfg["max_steps_per_epoch"])
+    return (f"git {git_sha()} | processes {world} | device {accelerator.device} | precision "
+            f"{precision_summary(accelerator)} | effective batch {batch * world * accum} ({batch} x "
+            f"{world} processes x {accum} accumulation) | {steps} optimiser steps/epoch | {lr_text}")
+
+
 def no_sync(accelerator, model, sync: bool):
     """The context for one micro-batch's backward: gradients are reduced across processes only
     when ``sync`` (the window's last micro-batch). DDP and FSDP1 through accelerate's

@@ -198,4 +198,10 @@ class DistillationLoss(nn.Module):
             outputs["cls"], outputs["dist"], teacher_logits, targets, self.base_criterion,
             self.distillation_type, self.alpha, self.tau, class_weights=class_weights,
             class_map=self.class_map)
-        return loss, {"base": base_term, "distill": distill_term}
+        terms = {"base": base_term, "distill": distill_term}
+        if teacher_logits is not None:
+            # The largest |teacher logit| of the batch: a diagnostic in log.txt, and the training
+            # loop's non-finite check (no extra sync) stops a NaN teacher, whose argmax would
+            # otherwise silently make every hard target class 0.
+            terms["teacher_logit_max"] = teacher_logits.detach().float().abs().amax()
+        return loss, terms

@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -64,7 +63,7 @@ from errors import ConfigError
 from models.safe_load import load_state_dict_strict, safe_load, strip_wrapper_prefixes
 from models.student import DistilledStudent, build_student, parse_student_name, student_arch
 from models.teacher import build_teacher, classifier_name_of
-from utils import to_plain
+from utils import atomic_write_bytes, to_plain
 
 __all__ = ["make_checkpoint", "load_student", "load_teacher", "load_any", "student_from_checkpoint",
            "teacher_from_checkpoint", "write_safetensors", "read_safetensors", "read_checkpoint",
@@ -388,7 +387,7 @@ def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> No
     in the metadata (see the module docstring). Atomic like ``utils._atomic_write``: written to
     a temporary file in the same folder, fsynced, then renamed over ``path``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     metadata = {"format": SAFETENSORS_FORMAT, "format_version": SAFETENSORS_VERSION,
                 "model_ema": "true" if payload.get("model_ema") is not None else "false",
@@ -404,22 +403,8 @@ def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> No
             metadata[key] = value
         else:
             metadata[key] = json.dumps(to_plain(value))
-    tensors = _safetensors_tensors(payload)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # utils' atomic writer: a temporary file in the same folder, fsync, then rename
+    atomic_write_bytes(path, save(_safetensors_tensors(payload), metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike) -> dict:

@@ -118,7 +118,7 @@ def test_teacher_sees_resized_input_without_antialias():
     assert (teacher.seen - antialiased).abs().max() > 0.5  # the torchvision default would differ
     assert teacher.seen.is_contiguous(memory_format=torch.channels_last)
     assert teacher.grad_enabled is False and not teacher.training
-    assert set(parts) == {"base", "distill"}
+    assert set(parts) == {"base", "distill", "teacher_logit_max"}
     torch.testing.assert_close(loss, parts["base"] + parts["distill"])
     loss.backward()  # gradients reach the student heads, not the teacher
     assert outputs["dist"].grad is not None and teacher.conv.weight.grad is None

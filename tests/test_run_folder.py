@@ -217,3 +217,28 @@ def test_a_timm_teacher_by_name_distils(tiny_data, tmp_path):
                        "distill.teacher_normalize=cifar"))
     assert "'arch': 'resnet10t'" in proc.stdout and "re-normalised" in proc.stdout
     assert [r["epoch"] for r in log_lines(out)] == [0, 1] and log_lines(out)[1]["train_distill"] > 0
+
+
+def test_a_teacher_with_nan_weights_or_logits_is_refused(tiny_data, tmp_path):
+    from models import build_teacher
+
+    teacher = build_teacher("resnet32", 10, "linear")
+    state = teacher.state_dict()
+    state["linear.bias"][3] = float("nan")
+    arch = {"arch": "resnet32", "num_classes": 10, "head": "linear"}
+    torch.save({"kind": "teacher", "arch": arch, "model": state, "model_ema": None, "epoch": 0, "config": {},
+                "metrics": {}, "class_map": None, "train_counts": None, "class_names": None}, tmp_path / "nan.pth")
+    proc = run(student(tiny_data, tmp_path / "a", "distill.type=hard", f"distill.teacher_ckpt={tmp_path / 'nan.pth'}"),
+               check=False)
+    assert proc.returncode == 2 and "non-finite weights" in proc.stderr and "linear.bias" in proc.stderr
+
+    # finite weights whose logits overflow (a huge classifier): stopped at the first step
+    state = build_teacher("resnet32", 10, "linear").state_dict()
+    state["linear.weight"].fill_(3e38)
+    torch.save({"kind": "teacher", "arch": arch, "model": state, "model_ema": None, "epoch": 0, "config": {},
+                "metrics": {}, "class_map": None, "train_counts": None, "class_names": None}, tmp_path / "inf.pth")
+    out = tmp_path / "b"
+    proc = run(student(tiny_data, out, "distill.type=hard", f"distill.teacher_ckpt={tmp_path / 'inf.pth'}",
+                       "distill.fold_bn=false"), check=False)
+    assert proc.returncode == 2 and "teacher_logit_max" in proc.stderr and "epoch 0, step 0" in proc.stderr
+    assert not (out / "checkpoint.pth").exists()
