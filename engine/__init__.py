@@ -7,8 +7,9 @@
 - ``engine.loop``: loaders, steps per epoch, the once-per-step bookkeeping (non-finite loss,
   SIGTERM, progress lines, intermediate saves), gathering weights for checkpoints.
 - ``engine.metrics``: evaluation on every process, top-1/top-5, per-class and head/mid/tail.
-- ``engine.run_folder``: the output folder: resume decision, atomic state saves, log lines,
-  portable checkpoints, preemption.
+- ``engine.run_folder``: the output folder: lock, resume decision, atomic state saves, log
+  lines, portable checkpoints (.pth and .safetensors), preemption, the best run's plot.
+- ``engine.trackers``: experiment trackers through accelerate (``log.trackers``).
 
 The training steps themselves live in the scripts (``train_student.train_step``,
 ``train_teacher.train_step``), where an ablation edits them.
