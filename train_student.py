@@ -326,7 +326,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     tcfg = cfg["train"]
     accum = effective_accum(tcfg, accelerator.num_processes)
     num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
-    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
+    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps)
 
     def ema_updates(micro_batches: int) -> int:
         """EMA updates this step: one per micro-batch of the recipe's layout (the reference's

@@ -273,7 +273,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     tcfg, o = cfg["train"], cfg["optim"]
     accum = effective_accum(tcfg, accelerator.num_processes)
     num_steps = loop.steps_per_epoch(len(data_loader), accum, tcfg["max_steps_per_epoch"])
-    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps, start_step)
+    monitor = loop.StepMonitor(cfg, accelerator, preemption, save_fn, epoch, num_steps)
     bar = tqdm(loop.windows(data_loader, accum, num_steps, start_step), total=num_steps - start_step,
                desc=f"epoch {epoch}", leave=False,
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))

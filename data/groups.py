@@ -32,6 +32,13 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _int_pair(value, key: str, meaning: str) -> tuple[int, int]:
+    """``value`` as two integers, or a ConfigError naming ``key`` and what it must be."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+        raise ConfigError(f"{key}: must be {meaning}, got {value!r}")
+    return value[0], value[1]
+
+
 def check_group_config(rule: str, thresholds=None, boundaries=None, dataset_name: str | None = None,
                        num_classes: int | None = None) -> None:
     """Raise ConfigError naming the key for bad ``data.groups`` / ``data.group_thresholds`` /
@@ -40,22 +47,14 @@ def check_group_config(rule: str, thresholds=None, boundaries=None, dataset_name
     if rule not in ("reference", "count"):
         raise ConfigError(f"data.groups: must be 'reference' or 'count', got {rule!r}")
     if thresholds is not None:
-        if not (isinstance(thresholds, (list, tuple)) and len(thresholds) == 2
-                and all(_is_int(v) for v in thresholds)):
-            raise ConfigError(f"data.group_thresholds: must be two integer counts [many, few] "
-                              f"(head: more than many training images, tail: fewer than few), "
-                              f"got {thresholds!r}")
-        many, few = thresholds
+        many, few = _int_pair(thresholds, "data.group_thresholds", "two integer counts [many, few] "
+                              "(head: more than many training images, tail: fewer than few)")
         if not 0 <= few <= many:
             raise ConfigError(f"data.group_thresholds: [many, few] needs 0 <= few <= many, got "
                               f"[{many}, {few}]")
     if boundaries is not None:
-        if not (isinstance(boundaries, (list, tuple)) and len(boundaries) == 2
-                and all(_is_int(v) for v in boundaries)):
-            raise ConfigError(f"data.group_boundaries: must be two class indices [c0, c1] on the "
-                              f"frequency-sorted classes (head [0, c0), mid [c0, c1), tail [c1, C)), "
-                              f"got {boundaries!r}")
-        c0, c1 = boundaries
+        c0, c1 = _int_pair(boundaries, "data.group_boundaries", "two class indices [c0, c1] on the "
+                           "frequency-sorted classes (head [0, c0), mid [c0, c1), tail [c1, C))")
         upper = "C" if num_classes is None else str(num_classes)
         if not (0 <= c0 <= c1 and (num_classes is None or c1 <= num_classes)):
             raise ConfigError(f"data.group_boundaries: [c0, c1] needs 0 <= c0 <= c1 <= {upper} "

@@ -116,8 +116,7 @@ class StepMonitor:
     so the last saved state stays intact.
     """
 
-    def __init__(self, cfg: dict, accelerator, preemption, save_fn, epoch: int, num_steps: int,
-                 start_step: int = 0) -> None:
+    def __init__(self, cfg: dict, accelerator, preemption, save_fn, epoch: int, num_steps: int) -> None:
         self.cfg, self.accelerator, self.preemption, self.save_fn = cfg, accelerator, preemption, save_fn
         self.epoch, self.num_steps = epoch, num_steps
         self.loss_sum, self.count = 0.0, 0
@@ -202,7 +201,7 @@ def _kill_data_workers() -> None:
             child.kill()
 
 
-_WORKER_CLEANUP = []
+atexit.register(_kill_data_workers)  # after multiprocessing's own handler: so it runs before it
 
 
 def build_loaders(cfg: dict, accelerator, train_transform=None):
@@ -225,9 +224,6 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
     workers = cfg["data"]["num_workers"]
     kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
               persistent_workers=workers > 0, worker_init_fn=ignore_sigterm if workers else None)
-    if workers and not _WORKER_CLEANUP:
-        atexit.register(_kill_data_workers)
-        _WORKER_CLEANUP.append(True)
     data_loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler,
                                    batch_size=tcfg["batch_size"], drop_last=tcfg["drop_last"], **kw)
     data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,

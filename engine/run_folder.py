@@ -57,6 +57,11 @@ def read_progress(state: Path) -> dict:
                              f"or start a new train.output_dir") from None
 
 
+def saved_config_yaml(out: Path) -> dict:
+    """The folder's config.yaml, as the run that wrote it resolved it."""
+    return yaml.safe_load((out / "config.yaml").read_text()) or {}
+
+
 def find_resume_state(output_dir, cfg: dict) -> Path | None:
     """Decide whether to resume (automatic, from the folder's last complete state).
 
@@ -78,8 +83,7 @@ def find_resume_state(output_dir, cfg: dict) -> Path | None:
     if state is None:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found == ["config.yaml"]:  # a run that stopped before its first save: the same run?
-            saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-            if not config_differences(saved, cfg):
+            if not config_differences(saved_config_yaml(out), cfg):
                 return None
         if found:
             raise RunFolderError(
@@ -92,7 +96,7 @@ def find_resume_state(output_dir, cfg: dict) -> Path | None:
     progress = read_progress(state)
     saved = progress.get("config")
     if saved is None and (out / "config.yaml").is_file():  # a state written before configs were stored in it
-        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        saved = saved_config_yaml(out)
     if mode == "auto":
         if saved is None:
             raise RunFolderError(f"{state} does not record the config it was trained with: refusing to "
@@ -156,10 +160,8 @@ def clean_partial_state(accelerator, output_dir) -> None:
 
 
 def open_run_folder(accelerator, output_dir, cfg: dict) -> tuple[FolderLock, Path | None]:
-    """Lock the folder, clean a partial save, decide on resuming: ``(lock, state or None)``."""
-    check_output_dir = str(output_dir).strip()
-    if not check_output_dir:
-        raise RunFolderError("train.output_dir is empty: name a folder for the run")
+    """Lock the folder, clean a partial save, decide on resuming: ``(lock, state or None)``
+    (an empty ``train.output_dir`` is refused earlier, by ``validate_run``)."""
     lock = FolderLock(accelerator, output_dir)
     clean_partial_state(accelerator, output_dir)
     return lock, find_resume_state(output_dir, cfg)
