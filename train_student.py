@@ -115,9 +115,10 @@ SPEC = {
         **with_defaults(RUN_SPEC, epochs=1200, output_dir="output/student"),
         "model_ema": (True, "keep an EMA of the weights (models/ema.py), saved in checkpoints"),
         "model_ema_decay": (0.99996, "EMA decay"),
-        "model_ema_cadence": ("micro_batch", "'micro_batch': decay once per micro-batch, as the "
-                              "reference (decay ** accum_steps per optimiser step); 'step': once "
-                              "per optimiser step", ("micro_batch", "step")),
+        "model_ema_cadence": ("micro_batch", "'micro_batch': one update per micro-batch of the "
+                              "recipe's layout, as the reference (all but the last towards the "
+                              "weights before the optimiser step); 'step': one per optimiser step",
+                              ("micro_batch", "step")),
         "eval_ema": (False, "also evaluate the EMA weights every epoch"),
     },
     "log": dict(LOG_SPEC),
@@ -280,8 +281,9 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
                class_weights=None, clip_grad=None, model_ema=None, ema_decays: int = 1,
                accum_steps: int | None = None) -> dict[str, torch.Tensor]:
     """One optimiser update of the student over ``window``, a list of ``(images, labels)``
-    micro-batches (gradient accumulation), then the EMA update: ``ema_decays`` EMA updates
-    towards the new weights (``len(window)`` is the reference's once-per-micro-batch cadence).
+    micro-batches (gradient accumulation), and ``ema_decays`` EMA updates (the reference's
+    once-per-micro-batch cadence: ``ema_decays - 1`` towards the weights before the optimiser
+    step, as its EMA sees them at the window's earlier micro-batches, one towards the new ones).
 
     Per micro-batch: mixup/cutmix on the device, the student's heads, ``criterion`` (the
     base loss on CLS, distillation on DIST: it calls the teacher on the mixed batch itself),
@@ -310,11 +312,15 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
             sums[name] = sums.get(name, 0.0) + value.detach() / len(window)
     if clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    if model_ema is not None and ema_decays > 1:
+        # The reference updates its EMA after every micro-batch: the first n - 1 of a window
+        # still see the weights before the update (docs/recipe.md section 11, item 4).
+        model_ema.update(unwrap(model), micro_batches=ema_decays - 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sums.update(loop.skipped_term(accelerator, optimizer))
     if model_ema is not None:
-        model_ema.update(unwrap(model), micro_batches=ema_decays)
+        model_ema.update(unwrap(model), micro_batches=1)
     return sums
 
 
@@ -340,9 +346,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
                desc=f"epoch {epoch}", leave=False,
                disable=not (accelerator.is_main_process and cfg["log"]["progress"]))
     for step, window in bar:
-        # lr at fractional epochs, like the reference with accumulation (and without its
-        # one-epoch lag when accumulation is 1: docs/recipe.md section 7, bug 8).
-        lr_scheduler.step(epoch + loop.epoch_fraction(step, accum, len(data_loader), num_steps))
+        # lr at fractional epochs, like the reference with accumulation, the epoch's last window
+        # at its last micro-batch (and without its one-epoch lag when accumulation is 1:
+        # docs/recipe.md section 7, bug 8).
+        lr_scheduler.step(epoch + loop.epoch_fraction(step, accum, len(data_loader), num_steps,
+                                                      last_at_end=True))
         # Seeded after loading the window: mixup and drop path draw from the step's seed.
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
@@ -409,7 +417,7 @@ def main(cfg: dict) -> dict:
     tcfg, dcfg = cfg["train"], cfg["distill"]
     accelerator = build_accelerator(tcfg, **trackers.accelerator_kwargs(cfg))
     out = Path(tcfg["output_dir"])
-    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg)
+    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg, SPEC)
     seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
     accum, peak_lr = effective_accum(tcfg, world), scaled_lr(cfg, world)

@@ -98,6 +98,8 @@ SPEC = {
                              "last warm-up epoch runs at (w+1)/w x lr); false: epoch < warmup_epochs"),
         "per_epoch": (False, "cosine: change the lr once per epoch (the published ImageNet-LT / iNat "
                       "teachers) instead of every step"),
+        "cosine_offset": (0, "cosine: epochs added to both the elapsed and the total epochs after "
+                          "the warm-up, (e - w + k) / (E - w + k); 1 = PaCo's ImageNet-LT / iNat code"),
         "milestones": ([160, 180], "epochs (0-based) where the lr is multiplied by gamma"),
         "gamma": (0.01, "lr factor at each milestone (0.01 then 0.0001 overall)"),
         "min_lr": (0.0, "cosine floor"),
@@ -129,6 +131,7 @@ def validate(cfg: dict) -> None:
               f"must be in [0, train.epochs={epochs}] (null: never), got {lcfg['drw_epoch']}")
     check(s["gamma"] > 0, "sched.gamma", f"must be > 0, got {s['gamma']}")
     check(s["min_lr"] >= 0, "sched.min_lr", f"must be >= 0, got {s['min_lr']}")
+    check(s["cosine_offset"] >= 0, "sched.cosine_offset", f"must be >= 0, got {s['cosine_offset']}")
     if s.get("warmup_inclusive"):
         check(s["warmup_epochs"] >= 1, "sched.warmup_inclusive",
               "needs sched.warmup_epochs >= 1 (the warm-up divides by it)")
@@ -166,7 +169,8 @@ def learning_rate(cfg: dict, epoch: float) -> float:
     Warm-up: ``lr x (e + 1) / warmup`` for whole epochs ``e < warmup`` (the LDAM code), or
     ``e <= warmup`` with ``sched.warmup_inclusive`` (PaCo's CIFAR code). Then 'step': x gamma
     at each milestone; 'cosine': from lr to min_lr over the remaining epochs, every step or,
-    with ``sched.per_epoch``, once per epoch.
+    with ``sched.per_epoch``, once per epoch (``sched.cosine_offset`` shifts both counts, as
+    PaCo's ``(e - w + 1) / (E - w + 1)``).
     """
     s, base = cfg["sched"], cfg["optim"]["lr"]
     whole = int(epoch)
@@ -175,7 +179,8 @@ def learning_rate(cfg: dict, epoch: float) -> float:
     if s["sched"] == "step":
         return base * s["gamma"] ** sum(whole >= m for m in s["milestones"])
     t = whole if s["per_epoch"] else epoch
-    progress = (t - s["warmup_epochs"]) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"])
+    k = s["cosine_offset"]
+    progress = (t - s["warmup_epochs"] + k) / max(1e-8, cfg["train"]["epochs"] - s["warmup_epochs"] + k)
     return s["min_lr"] + 0.5 * (base - s["min_lr"]) * (1 + math.cos(math.pi * progress))
 
 
@@ -306,7 +311,7 @@ def main(cfg: dict) -> dict:
         raise ConfigError("train_teacher.py: teachers are small CNNs trained with DDP; launch it "
                           "without an FSDP accelerate config (FSDP is for the student)")
     out = Path(tcfg["output_dir"])
-    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg)
+    lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg, SPEC)
     seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
     accum = effective_accum(tcfg, world)

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--name", default="cifar10_lt_cpu", help="results file stem")
     parser.add_argument("--command", default="", help="the command that produced the run")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole run")
+    parser.add_argument("--schedule", default="", help="the overrides each run was trained with")
     args = parser.parse_args()
     out = Path(args.out)
     evals = {run: json.loads((out / run / "eval.json").read_text()) for run in ("teacher", "deitlt", "baseline")}
@@ -48,7 +49,7 @@ def main() -> None:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()
     result["meta"] = {
-        "command": args.command, "commit": sha, "wall_seconds": args.seconds,
+        "command": args.command, "schedule": args.schedule, "commit": sha, "wall_seconds": args.seconds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         "epoch_seconds": {run: epoch_times(out / run) for run in ("teacher", "deitlt", "baseline")},
         "data": evals["deitlt"].get("dataset"), "num_test_images": evals["deitlt"]["num_samples"],

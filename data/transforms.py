@@ -33,7 +33,10 @@ AUG_SPEC = {
     "recount": (1, "random erasing count"),
     "normalize": ("imagenet", "mean/std: 'imagenet' (the reference, also for CIFAR) or 'cifar' "
                               "(0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010)", ("imagenet", "cifar")),
-    "eval_crop_ratio": (0.875, "eval: Resize(int(input_size / ratio), bicubic) + CenterCrop(input_size)"),
+    "eval_crop_ratio": (0.875, "eval: Resize(int(input_size / ratio)) + CenterCrop(input_size)"),
+    "eval_interpolation": ("bicubic", "interpolation of the eval Resize: bicubic (DeiT, the reference's "
+                                      "students) or bilinear (the published ImageNet-LT / iNat teachers)",
+                           ("bicubic", "bilinear")),
     "repeated_aug": (True, "repeated augmentation sampler (each image ra_repeats times per epoch)"),
     "ra_repeats": (3, "copies of each image per epoch with repeated_aug"),
     "mixup": (0.8, "mixup alpha (0 = off)"),
@@ -99,12 +102,14 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
     input_size = int(data_cfg["input_size"])
     mean, std = NORMALIZATION[aug_cfg["normalize"]]
     if not is_train:
-        # DeiT: size = int(input_size / eval_crop_ratio); Resize(size, interpolation=3 (bicubic)).
+        # DeiT: size = int(input_size / eval_crop_ratio); Resize(size, interpolation=3 (bicubic));
+        # the published ImageNet-LT / iNat teachers: Resize(256), bilinear (docs/recipe.md section 4).
         ratio = float(aug_cfg["eval_crop_ratio"])
         if not 0.0 < ratio <= 1.0:
             raise DataError(f"aug.eval_crop_ratio must be in (0, 1], got {ratio}")
         return transforms.Compose([
-            transforms.Resize(int(input_size / ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(int(input_size / ratio),
+                              interpolation=transforms.InterpolationMode(aug_cfg["eval_interpolation"])),
             transforms.CenterCrop(input_size),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),

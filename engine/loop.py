@@ -13,6 +13,7 @@ import itertools
 import math
 import multiprocessing
 import signal
+import threading
 from typing import Iterator
 
 import torch
@@ -46,11 +47,19 @@ def windows(data_loader, accum: int, num_steps: int, start_step: int = 0) -> Ite
         yield step, window
 
 
-def epoch_fraction(step: int, accum: int, num_batches: int, num_steps: int) -> float:
-    """Where optimiser step ``step`` starts inside its epoch, for the lr schedule: its first
+def epoch_fraction(step: int, accum: int, num_batches: int, num_steps: int,
+                   last_at_end: bool = False) -> float:
+    """Where optimiser step ``step`` sits inside its epoch, for the lr schedule: its first
     micro-batch's index over the epoch's micro-batches, as the reference's
-    ``epoch + i / len(data_loader)`` (with a step cap, over the capped steps)."""
-    return step * accum / min(num_batches, num_steps * accum)
+    ``epoch + i / len(data_loader)`` (with a step cap, over the capped steps).
+
+    ``last_at_end``: the epoch's last window at its last micro-batch instead, ``(len - 1) / len``:
+    the reference steps its scheduler again at the epoch's last micro-batch, before that
+    micro-batch's update (LT ``engine.py:L77-80``; docs/recipe.md section 11, item 3)."""
+    total = min(num_batches, num_steps * accum)
+    if last_at_end and (step + 1) * accum >= total:
+        return (total - 1) / total
+    return step * accum / total
 
 
 def run_banner(accelerator, train_cfg: dict, accum: int, num_batches: int, lr_text: str) -> str:
@@ -195,10 +204,17 @@ def ignore_sigterm(worker_id: int) -> None:
 def _kill_data_workers() -> None:
     """At the main process's exit: SIGKILL the data-loader workers still alive. Python's own
     exit handler (registered earlier, so it runs after this one) would SIGTERM them, which they
-    ignore, and then wait for them forever (persistent workers of a loader left mid-epoch)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    ignore, and then wait for them forever (persistent workers of a loader left mid-epoch).
+    torch's SIGCHLD handler is reset first: it would report each killed worker as a failure."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
 
 
 atexit.register(_kill_data_workers)  # after multiprocessing's own handler: so it runs before it

@@ -20,7 +20,7 @@ import yaml
 
 from errors import RunFolderError
 from models.checkpoint import write_safetensors
-from utils import append_json_line, atomic_torch_save, atomic_write_text, save_config
+from utils import append_json_line, atomic_torch_save, atomic_write_text, save_config, split_spec
 
 STATE_DIR = "state"  # accelerate save_state folder: model, optimizer, scheduler, EMA, scaler
 PROGRESS_FILE = "progress.json"  # written last inside the state folder: marks it complete
@@ -28,12 +28,18 @@ RESUME_FREE_KEYS = {"train.epochs", "train.resume", "train.output_dir", "data.nu
                     "log.progress", "log.print_every", "log.trackers", "train.save_every_steps"}
 
 
-def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS) -> list[str]:
-    diffs = []
+def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS, defaults: dict | None = None) -> list[str]:
+    """``section.key: old -> new`` for every key that differs. A key the old config does not
+    have (a run made before the key existed) counts as equal when the new value is the key's
+    default in ``defaults`` (``{section: {key: default}}``): that run behaved as the default."""
+    diffs, defaults = [], defaults or {}
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             full = f"{section}.{key}"
+            if key not in a and key in b and key in defaults.get(section, {}) \
+                    and b[key] == defaults[section][key]:
+                continue
             if full not in ignore and a.get(key) != b.get(key):
                 diffs.append(f"{full}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
@@ -62,12 +68,13 @@ def saved_config_yaml(out: Path) -> dict:
     return yaml.safe_load((out / "config.yaml").read_text()) or {}
 
 
-def find_resume_state(output_dir, cfg: dict) -> Path | None:
+def find_resume_state(output_dir, cfg: dict, defaults: dict | None = None) -> Path | None:
     """Decide whether to resume (automatic, from the folder's last complete state).
 
     ``train.resume``: 'auto' resumes when the folder holds a state saved with the same config
-    (keys in RESUME_FREE_KEYS, e.g. ``train.epochs``, may differ: compared with the config
-    stored inside the state, so a deleted or edited config.yaml changes nothing) and refuses
+    (keys in RESUME_FREE_KEYS, e.g. ``train.epochs``, may differ; keys added to the scripts
+    since the run was made may be at their ``defaults``: compared with the config stored
+    inside the state, so a deleted or edited config.yaml changes nothing) and refuses
     otherwise; 'never' refuses any folder that holds a state; 'force' resumes despite
     differences. A state folder without its progress file was interrupted while being
     written: ignored (a partial ``state.new/`` is removed). A folder that holds a run's files
@@ -83,7 +90,7 @@ def find_resume_state(output_dir, cfg: dict) -> Path | None:
     if state is None:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found == ["config.yaml"]:  # a run that stopped before its first save: the same run?
-            if not config_differences(saved_config_yaml(out), cfg):
+            if not config_differences(saved_config_yaml(out), cfg, defaults=defaults):
                 return None
         if found:
             raise RunFolderError(
@@ -101,7 +108,7 @@ def find_resume_state(output_dir, cfg: dict) -> Path | None:
         if saved is None:
             raise RunFolderError(f"{state} does not record the config it was trained with: refusing to "
                                  f"guess. Use train.resume=force to continue it with this config")
-        diffs = config_differences(saved, cfg)
+        diffs = config_differences(saved, cfg, defaults=defaults)
         if diffs:
             raise RunFolderError(
                 f"{out} holds a run with a different config; refusing to mix them:\n  "
@@ -159,12 +166,15 @@ def clean_partial_state(accelerator, output_dir) -> None:
     accelerator.wait_for_everyone()
 
 
-def open_run_folder(accelerator, output_dir, cfg: dict) -> tuple[FolderLock, Path | None]:
+def open_run_folder(accelerator, output_dir, cfg: dict, spec: dict | None = None
+                    ) -> tuple[FolderLock, Path | None]:
     """Lock the folder, clean a partial save, decide on resuming: ``(lock, state or None)``
-    (an empty ``train.output_dir`` is refused earlier, by ``validate_run``)."""
+    (an empty ``train.output_dir`` is refused earlier, by ``validate_run``). ``spec``: the
+    script's config spec, whose defaults stand for keys a stored config predates."""
     lock = FolderLock(accelerator, output_dir)
     clean_partial_state(accelerator, output_dir)
-    return lock, find_resume_state(output_dir, cfg)
+    defaults = split_spec(spec)[0] if spec else None
+    return lock, find_resume_state(output_dir, cfg, defaults=defaults)
 
 
 def save_training_state(accelerator, output_dir, progress: dict, model_ema=None) -> None:

@@ -151,6 +151,24 @@ def is_student_state(state_dict: Any) -> bool:
     return isinstance(state_dict, Mapping) and "dist_token" in state_dict and "head_dist.weight" in state_dict
 
 
+def check_arch_fits_weights(arch: dict, state: Mapping[str, Any], source: str) -> None:
+    """CheckpointError unless the stored ``arch`` has the weights' shapes (position embedding,
+    depth, head), checked before the model is built: a damaged or hand-edited arch (say an
+    img_size of 100000) would otherwise allocate a huge model before the strict load fails."""
+    grid = arch["img_size"] // arch["patch_size"]
+    expected = {"pos_embed": (1, grid * grid + 2, arch["embed_dim"]),
+                "head.weight": (arch["num_classes"], arch["embed_dim"])}
+    for name, shape in expected.items():
+        found = tuple(state[name].shape) if isinstance(state.get(name), torch.Tensor) else None
+        if found != shape:
+            raise CheckpointError(f"{source}: the stored arch (img_size {arch['img_size']}, patch "
+                                  f"{arch['patch_size']}, width {arch['embed_dim']}, {arch['num_classes']} "
+                                  f"classes) needs {name} of shape {shape}, the weights have {found}")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if depth != arch["depth"]:
+        raise CheckpointError(f"{source}: the stored arch has depth {arch['depth']}, the weights {depth} blocks")
+
+
 def student_from_checkpoint(ckpt: Any, num_classes: int | None = None, num_heads: int | None = None,
                             ema: bool = False, source: str = "checkpoint") -> tuple[nn.Module, dict]:
     """Build and strictly load a student from an already loaded checkpoint object."""
@@ -179,8 +197,10 @@ def student_from_checkpoint(ckpt: Any, num_classes: int | None = None, num_heads
         raise CheckpointError(f"{source}: has no {key!r} weights")
     if num_classes is not None and num_classes != arch["num_classes"]:
         raise CheckpointError(f"{source}: has {arch['num_classes']} classes, expected {num_classes}")
+    state = strip_wrapper_prefixes(ckpt[key])
+    check_arch_fits_weights(arch, state, f"{source} [{key}]")
     model = build_student(arch)
-    load_state_dict_strict(model, strip_wrapper_prefixes(ckpt[key]), f"{source} [{key}]")
+    load_state_dict_strict(model, state, f"{source} [{key}]")
     model.eval()
     info = {"kind": "student", "format": fmt, "arch": arch, "class_map": to_plain(class_map),
             "args": args, "epoch": to_plain(ckpt.get("epoch")), "metrics": metrics,

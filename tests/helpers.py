@@ -105,3 +105,12 @@ def make_split_files(root: Path, counts_train: list[int], counts_test: list[int]
         list_file.write_text("\n".join(lines))
         lists.append(list_file)
     return image_root, lists[0], lists[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process launch (29500 may still be held)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

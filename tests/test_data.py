@@ -56,7 +56,7 @@ def test_specs_have_the_contract_keys():
                                "val_split", "imb_type", "imb_factor", "subset_seed", "source_order", "root",
                                "train_list", "val_list", "groups", "group_thresholds", "group_boundaries", "val_holdout", "num_workers", "input_size"]
     assert set(AUG_SPEC) == {"train_crop", "hflip", "aa", "color_jitter", "train_interpolation", "reprob",
-                             "remode", "recount", "normalize", "eval_crop_ratio", "repeated_aug",
+                             "remode", "recount", "normalize", "eval_crop_ratio", "eval_interpolation", "repeated_aug",
                              "ra_repeats",
                              "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "smoothing"}
     cfg = load_config({"data": DATA_SPEC, "aug": AUG_SPEC},
@@ -370,6 +370,8 @@ def test_pad_crop_transform():
 
 
 def test_eval_transform_crop_ratio():
+    from torchvision import transforms
+
     t = build_transform(False, data_cfg(input_size=224), aug_cfg())
     assert t.transforms[0].size == 256 and t.transforms[1].size == (224, 224)  # 224 / 0.875
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -380,6 +382,14 @@ def test_eval_transform_crop_ratio():
     pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255
     expected = (pixels - mean[:, None, None]) / std[:, None, None]
     assert torch.allclose(t(img), expected, atol=1e-6)
+    # the interpolation of the resize is aug.eval_interpolation: the same pixels as torchvision's
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 280, 3), dtype=np.uint8))
+    for mode in ("bicubic", "bilinear"):
+        t = build_transform(False, data_cfg(input_size=224), aug_cfg(eval_interpolation=mode))
+        resized = transforms.CenterCrop(224)(transforms.Resize(256, transforms.InterpolationMode(mode))(big))
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1) / 255
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        assert torch.allclose(t(big), (pixels - mean[:, None, None]) / std[:, None, None], atol=1e-6), mode
 
 
 def test_training_transform_survives_thousands_of_images():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import make_image_dataset
+from helpers import free_port, make_image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_COUNTS = [4, 4, 4, 4, 4, 4, 4, 3, 3, 3]  # 37 images
@@ -196,7 +196,8 @@ def test_reference_teacher_files(work, parity_dir, name, fmt):
 def test_distributed_equals_single_process(work, student_run):
     """Two gloo processes (37 images: unequal shards, padded last batch) == one process."""
     two = work["tmp"] / "two.json"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port())]
     proc = run_ok(["--ckpt", work["student"], "--teacher", work["teacher"], "eval.batch_size=8", "--json", two],
                   work["tmp"], launcher=launcher)
     a, b = student_run["json"], json.loads(two.read_text())

@@ -354,6 +354,26 @@ def test_stored_input_size_is_checked_like_a_typed_one(work, capsys):
     assert "evaluating" not in out
 
 
+def test_stored_student_arch_is_checked_against_the_weights_before_building(work, capsys, monkeypatch):
+    """A student checkpoint whose stored arch says img_size 100000 (or another depth): refused,
+    naming the file and the shape, before a model of that size is built."""
+    import models.checkpoint as checkpoint_module
+
+    built = []
+    real_build = checkpoint_module.build_student
+    monkeypatch.setattr(checkpoint_module, "build_student", lambda arch, **kw: built.append(arch) or real_build(arch, **kw))
+    huge = save_student(work, "student_huge_arch.pth", arch={**STUDENT_ARCH, "img_size": 100000})
+    rc, out, err = evaluate_main(["--ckpt", huge], capsys)
+    assert rc == 2 and f"{huge} [model]: the stored arch (img_size 100000, patch 8" in err
+    assert "needs pos_embed of shape (1, 156250002, 24), the weights have (1, 18, 24)" in err
+    deep = save_student(work, "student_deep_arch.pth", arch={**STUDENT_ARCH, "depth": 12})
+    rc, out, err = evaluate_main(["--ckpt", deep], capsys)
+    assert rc == 2 and "the stored arch has depth 12, the weights 1 blocks" in err
+    assert built == [] and "evaluating" not in out
+    rc, out, err = evaluate_main(["--ckpt", save_student(work, "student.pth"), "eval.max_samples=3"], capsys)
+    assert rc == 0 and len(built) == 1  # the intact file still builds and evaluates
+
+
 def test_eval_values_and_output_paths_refused_before_evaluating(work, capsys):
     student = save_student(work, "student.pth")
     rc, out, err = evaluate_main(["--ckpt", student, "eval.max_samples=0"], capsys)

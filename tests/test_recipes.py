@@ -65,6 +65,36 @@ def test_imagenet_ldam_teacher_has_no_warmup_and_a_per_epoch_cosine():
     assert [line["rho"] for line in lines[3:7]] == [0.05, 0.05, 0.1, 0.1]
 
 
+@pytest.mark.parametrize("name", ["imagenet_lt_paco_sam", "inat18_paco_sam"])
+def test_paco_imagenet_and_inat_teacher_cosine_is_pacos(name):
+    """PaCo's adjust_lr: 0.02 / 10 x (e + 1) for e < 10, then per epoch
+    0.02 x 0.5 x (1 + cos(pi (e - 10 + 1) / (400 - 10 + 1))) (PC paco_lt.py:L619-624)."""
+    lines = schedule("train_teacher.py", ROOT / "configs/teachers" / f"{name}.yaml")
+    assert len(lines) == 400
+    for line in lines:
+        e = line["epoch"]
+        expected = 0.02 / 10 * (e + 1) if e < 10 else 0.02 * 0.5 * (1 + math.cos(math.pi * (e - 9) / 391))
+        assert line["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), e
+
+
+@pytest.mark.parametrize("name", ["imagenet_lt_ldam_drw_sam", "imagenet_lt_paco_sam", "inat18_ldam_drw_sam",
+                                  "inat18_paco_sam"])
+def test_imagenet_and_inat_teachers_are_evaluated_as_published(name):
+    """Saddle-LongTail and PaCo evaluate their ImageNet-LT / iNat teachers with a bilinear
+    Resize(256) + CenterCrop(224); students keep DeiT's bicubic one."""
+    from data import build_transform
+    from train_student import SPEC as STUDENT_SPEC
+    from train_teacher import SPEC
+    from utils import load_config
+
+    cfg = load_config(SPEC, ["--config", str(ROOT / "configs/teachers" / f"{name}.yaml")])
+    resize, crop = build_transform(False, cfg["data"], cfg["aug"]).transforms[:2]
+    assert (resize.size, resize.interpolation.value, crop.size) == (256, "bilinear", (224, 224))
+    student = load_config(STUDENT_SPEC, ["--config", str(ROOT / "configs/imagenet_lt.yaml")])
+    resize = build_transform(False, student["data"], student["aug"]).transforms[0]
+    assert (resize.size, resize.interpolation.value) == (256, "bicubic")
+
+
 @pytest.mark.parametrize("config", STUDENT_CONFIGS, ids=lambda p: p.stem)
 def test_student_schedules_follow_the_reference_lr_rule(config):
     from train_student import SPEC

@@ -11,7 +11,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +61,23 @@ def test_resume_never_unpickles_code_from_the_folder(tiny_data, tmp_path):
     assert not marker.exists() and [r["epoch"] for r in log_lines(out)] == [0, 1, 2]
 
 
+def test_a_run_made_before_a_key_existed_resumes_at_its_default(tiny_data, tmp_path):
+    """A state whose stored config lacks keys added since (here aug.eval_interpolation and
+    optim.clip_grad, as in a run of an older version) resumes when they are at their defaults,
+    and is still refused when one is set to something else."""
+    out = tmp_path / "old"
+    run(student(tiny_data, out))
+    progress_file = out / "state" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    del progress["config"]["aug"]["eval_interpolation"], progress["config"]["optim"]["clip_grad"]
+    progress_file.write_text(json.dumps(progress))
+    proc = run(student(tiny_data, out, "train.epochs=2", "aug.eval_interpolation=bilinear"), check=False)
+    assert proc.returncode == 2 and "aug.eval_interpolation: None -> 'bilinear'" in proc.stderr
+    assert "clip_grad" not in proc.stderr
+    run(student(tiny_data, out, "train.epochs=2"))
+    assert [r["epoch"] for r in log_lines(out)] == [0, 1]
+
+
 def test_sigterm_to_the_process_group_saves(tiny_data, tmp_path):
     """Slurm / docker stop signal every process of the group, the data workers included."""
     out = tmp_path / "group"
@@ -89,13 +105,14 @@ def test_runs_with_data_workers_exit(tiny_data, tmp_path):
     """Workers ignore SIGTERM; a run that leaves a persistent loader mid-epoch (a step cap)
     must still exit, and so must a run that stops on an error."""
     out = tmp_path / "workers"
-    start = time.monotonic()
-    run(student(tiny_data, out, "data.num_workers=2", "train.max_steps_per_epoch=1"), timeout=300)
+    # (a hang would end in the subprocess timeout, a failure of this test)
+    proc = run(student(tiny_data, out, "data.num_workers=2", "train.max_steps_per_epoch=1"), timeout=300)
+    # the workers killed at exit are not reported as failures (torch's SIGCHLD handler)
+    assert "killed by signal" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     proc = run(student(tiny_data, tmp_path / "bad", "data.num_workers=2", "train.max_steps_per_epoch=1",
                        "distill.type=hard", f"distill.teacher_ckpt={out / 'checkpoint.pth'}"),
                check=False, timeout=300)  # a student checkpoint given as teacher: refused
     assert proc.returncode == 2 and "not a teacher" in proc.stderr
-    assert time.monotonic() - start < 300
 
 
 def test_a_bad_test_image_never_costs_the_epochs_training(tmp_path):

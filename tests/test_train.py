@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_image_dataset
+from helpers import free_port, make_image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS_TRAIN = [40, 28, 20, 14, 10, 8, 6, 5, 4, 3]
@@ -40,6 +40,8 @@ STUDENT_ARGS = [
 
 def run(args: list[str], check: bool = True, env: dict | None = None, launch: list[str] | None = None,
         timeout: int = 600) -> subprocess.CompletedProcess:
+    if launch and "--main_process_port" not in launch:  # a free port: 29500 may still be held
+        launch = [*launch, "--main_process_port", str(free_port())]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch] if launch else [sys.executable]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=full_env,
@@ -346,6 +348,110 @@ def test_reference_lr_rule_and_schedule():
     for epoch, expected in ((0, 1e-6), (1, 5.08e-5), (600, 1.30e-4), (1100, 1.409e-5), (1200, 1e-5)):
         sched.step(epoch)
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=2e-3), epoch
+
+
+@pytest.mark.parametrize("num_batches", [48, 46, 49])
+def test_update_lr_equals_the_references(num_batches):
+    """The lr of every optimiser update over two epochs with accumulation 4 == the reference's
+    (LT engine.py:L77-80: its scheduler stepped at epoch + i / len at each window's first
+    micro-batch and again at the epoch's last one, before that micro-batch's update), for a full
+    last window (48), a shorter one (46) and one of a single micro-batch (49 = 12 x 4 + 1)."""
+    import train_student
+    from engine import loop
+    from utils import load_config
+
+    cfg = load_config(train_student.SPEC, ["--config", str(ROOT / "configs" / "cifar10_lt.yaml")])
+    cfg["train"]["epochs"], cfg["sched"]["warmup_epochs"], accum = 2, 1, 4
+
+    def scheduler():
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=2.5e-4)
+        return opt, train_student.build_scheduler(cfg, opt)
+
+    opt, sched = scheduler()
+    reference = []
+    for epoch in range(2):
+        for i in range(num_batches):
+            if i % accum == 0 or i == num_batches - 1:
+                sched.step(epoch + i / num_batches)
+            if (i + 1) % accum == 0 or i == num_batches - 1:  # the update
+                reference.append(opt.param_groups[0]["lr"])
+    opt, sched = scheduler()
+    ours = []
+    num_steps = loop.steps_per_epoch(num_batches, accum, None)
+    for epoch in range(2):
+        for step in range(num_steps):
+            sched.step(epoch + loop.epoch_fraction(step, accum, num_batches, num_steps, last_at_end=True))
+            ours.append(opt.param_groups[0]["lr"])
+    assert len(ours) == len(reference) == 2 * num_steps
+    assert ours == pytest.approx(reference, rel=1e-12)
+    assert ours[num_steps - 1] != ours[num_steps - 2]  # the warm-up moves within the last window
+    # accumulation 1: every update at its own micro-batch (without the reference's lag, bug 8)
+    assert [loop.epoch_fraction(i, 1, 13, 13, last_at_end=True) for i in range(13)] == [i / 13 for i in range(13)]
+
+
+def test_odd_batch_with_mixup_trains_on_the_even_part():
+    """timm's Mixup asserts an even batch; an odd last batch (CIFAR-100-LT IF100 on one process
+    ends on 95 images without repeated augmentation) drops its last image for that step."""
+    from accelerate import Accelerator
+
+    import train_student
+    from losses import DistillationLoss
+    from models import build_student
+    from utils import load_config
+
+    cfg = load_config(train_student.SPEC, ["--config", str(ROOT / "configs" / "cifar10_lt_cpu.yaml")])
+    torch.manual_seed(0)
+    model = build_student(dict(name="tiny", num_classes=10, img_size=32, patch_size=8, embed_dim=24,
+                               depth=1, num_heads=2, mlp_ratio=2.0))
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mixup = train_student.build_mixup(cfg, 10)
+    criterion = DistillationLoss(train_student.build_base_criterion(True), None, "none", 0.5, 1.0)
+    window = [(torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,)))]
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = train_student.train_step(model, criterion, window, optimizer, Accelerator(cpu=True), mixup_fn=mixup)
+    assert seen == [6] and torch.isfinite(terms["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_ema_updates_equal_the_references_per_micro_batch():
+    """With accumulation 4 the reference updates timm's ModelEma after every micro-batch (LT
+    engine.py:L254-255): three times towards the weights before the optimiser step, once towards
+    the new ones. train_step's EMA (ema_decays=4) equals that, over two steps."""
+    import copy
+
+    from timm.utils import ModelEma
+
+    import train_student
+    from accelerate import Accelerator
+    from losses import DistillationLoss
+    from models import build_student
+    from models.ema import ModelEma as OurEma
+
+    torch.manual_seed(0)
+    model = build_student(dict(name="tiny", num_classes=10, img_size=32, patch_size=8, embed_dim=24,
+                               depth=1, num_heads=2, mlp_ratio=2.0))
+    twin = copy.deepcopy(model)
+    ours, reference = OurEma(model, decay=0.9), ModelEma(copy.deepcopy(twin), decay=0.9)
+    criterion = DistillationLoss(train_student.build_base_criterion(False), None, "none", 0.5, 1.0)
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin))
+    windows = [[(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(4)] for _ in range(2)]
+    accelerator = Accelerator(cpu=True)
+    for window in windows:
+        train_student.train_step(model, criterion, window, opt_a, accelerator, model_ema=ours, ema_decays=4)
+        for i, (x, y) in enumerate(window):  # the reference's loop
+            loss, _ = criterion(x, twin(x), y)
+            (loss / 4).backward()
+            if i == 3:
+                opt_b.step()
+                opt_b.zero_grad()
+            reference.update(twin)
+    expected = reference.ema.state_dict()
+    for key, value in ours.full_state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    moved = max((model.state_dict()[k] - v).abs().max().item() for k, v in expected.items())
+    assert moved > 1e-3  # the EMA lags the weights: the comparison is not trivially equal
 
 
 def test_teacher_with_other_label_order_is_rejected(tiny_data, teacher_ckpt, tmp_path):

@@ -56,14 +56,18 @@ def main(report_path: str) -> None:
         # each rank trains on its half of the batch, in two micro-batches (no_sync for the first)
         window = [(x[lo:lo + 2], y[lo:lo + 2]), (x[lo + 2:hi], y[lo + 2:hi])]
         train_step(model, criterion, window, optimizer, accelerator, model_ema=ema, ema_decays=len(window))
-        # the unsharded twin on the whole batch: the same mean loss
+        # the unsharded twin on the whole batch: the same mean loss; its EMA as the reference's
+        # (one update per micro-batch: the first towards the weights before the step)
         loss, _ = criterion(x, plain(x), y)
         loss.backward()
+        with torch.no_grad():
+            for k, v in plain.state_dict().items():
+                plain_ema[k].mul_(0.5).add_(v, alpha=0.5)
         plain_opt.step()
         plain_opt.zero_grad()
         with torch.no_grad():
             for k, v in plain.state_dict().items():
-                plain_ema[k].mul_(0.25).add_(v, alpha=0.75)  # decay 0.5 twice (two micro-batches)
+                plain_ema[k].mul_(0.5).add_(v, alpha=0.5)
 
     full = loop.full_state_dict(accelerator, model)  # the gather the scripts use
     ema_full = ema.full_state_dict()
