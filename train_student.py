@@ -375,9 +375,32 @@ def check_sharding(accelerator, tcfg: dict) -> None:
                           "train.model_ema=false with FSDP1")
 
 
-def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator) -> dict:
+def check_teacher_weights(teacher: nn.Module, source: str) -> None:
+    bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"teacher {source} has non-finite weights ({len(bad)} tensors: "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): it cannot teach")
+
+
+def read_teacher_file(cfg: dict) -> tuple[nn.Module, dict] | None:
+    """A teacher given by file (``distill.teacher_ckpt`` without ``teacher_model``), read and
+    checked before any data is built: a bad file (unsafe, damaged, non-finite weights, a stored
+    input size out of range) stops the run at once. None for other teachers (by name, they
+    need the data's class count) or without distillation."""
+    dcfg = cfg["distill"]
+    if dcfg["type"] == "none" or dcfg["teacher_model"]:
+        return None
+    teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
+    check_teacher_weights(teacher, dcfg["teacher_ckpt"])
+    teacher_input_size(tinfo, 0)  # the stored size's checks (the value is resolved later)
+    return teacher, tinfo
+
+
+def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator,
+                              preloaded: tuple[nn.Module, dict] | None = None) -> dict:
     """The teacher of ``distill`` and what the loss needs to call it: ``{"teacher", "class_map",
-    "input_size", "renormalize"}`` (all None without a teacher).
+    "input_size", "renormalize"}`` (all None without a teacher). ``preloaded``: what
+    ``read_teacher_file`` returned.
 
     The teacher is not prepared (never wrapped or sharded): DistillationLoss freezes it (eval
     mode, no gradients) and makes it channels-last.
@@ -385,16 +408,16 @@ def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator
     dcfg = cfg["distill"]
     if dcfg["type"] == "none":
         return {"teacher": None, "class_map": None, "input_size": None, "renormalize": None}
-    if dcfg["teacher_model"]:  # by name: timm's / torchvision's own weights, or timm's pretrained
+    source = dcfg["teacher_ckpt"] or f"timm's pretrained {dcfg['teacher_model']}"
+    if preloaded is not None:
+        teacher, tinfo = preloaded
+    elif dcfg["teacher_model"]:  # by name: timm's / torchvision's own weights, or timm's pretrained
         teacher, tinfo = load_named_teacher(dcfg["teacher_model"], dataset.num_classes,
                                             dcfg["teacher_ckpt"], dcfg["teacher_pretrained"])
+        check_teacher_weights(teacher, source)
     else:
         teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
-    source = dcfg["teacher_ckpt"] or f"timm's pretrained {dcfg['teacher_model']}"
-    bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"teacher {source} has non-finite weights ({len(bad)} tensors: "
-                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): it cannot teach")
+        check_teacher_weights(teacher, source)
     t_classes = tinfo["arch"]["num_classes"]
     if t_classes != dataset.num_classes:
         raise CheckpointError(f"teacher {source} predicts {t_classes} classes but the data has "
@@ -418,6 +441,7 @@ def main(cfg: dict) -> dict:
     accelerator = build_accelerator(tcfg, **trackers.accelerator_kwargs(cfg))
     out = Path(tcfg["output_dir"])
     lock, resume_dir = run_folder.open_run_folder(accelerator, out, cfg, SPEC)
+    teacher_file = read_teacher_file(cfg)  # before the data: a bad file stops the run at once
     seed_everything(tcfg["seed"])  # the same initial weights on every process
     world = accelerator.num_processes
     accum, peak_lr = effective_accum(tcfg, world), scaled_lr(cfg, world)
@@ -448,7 +472,7 @@ def main(cfg: dict) -> dict:
     accelerator.print(f"student {arch} ({n_params / 1e6:.2f}M parameters)")
 
     # ------------------------------------------------------------------ teacher and loss
-    t = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator)
+    t = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator, teacher_file)
     mixup_fn = build_mixup(cfg, num_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
                                  t["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],

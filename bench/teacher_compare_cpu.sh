@@ -5,8 +5,10 @@
 # distil the same DeiT-LT student from each (configs/cifar10_lt_cpu.yaml), evaluate all four
 # and write bench/results/teacher_compare_cpu.{json,md}.
 #   bash bench/teacher_compare_cpu.sh                  # DATA=../shared/data/cifar10-jpeg
-#   LDAM_DIR=output/bench_cifar10_lt_cpu bash bench/teacher_compare_cpu.sh
-#       # reuse the LDAM teacher and student of bench/cifar10_lt_cpu.sh (same configs and data)
+#   LDAM_DIR=output/bench_t10 bash bench/teacher_compare_cpu.sh
+#       # reuse an LDAM teacher and student trained with these configs as they are, e.g. by
+#       # OUT=output/bench_t10 bash bench/cifar10_lt_cpu.sh train.epochs=10 loss.drw_epoch=7 \
+#       #     "sched.milestones=[7,9]" -- train.epochs=12 distill.drw_epoch=9
 # A step whose eval.json exists is skipped, so an interrupted run continues where it stopped.
 # About 100 minutes on 2 CPU cores from scratch (about 50 reusing the LDAM runs).
 set -euo pipefail

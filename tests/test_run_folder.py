@@ -248,6 +248,7 @@ def test_a_teacher_with_nan_weights_or_logits_is_refused(tiny_data, tmp_path):
     proc = run(student(tiny_data, tmp_path / "a", "distill.type=hard", f"distill.teacher_ckpt={tmp_path / 'nan.pth'}"),
                check=False)
     assert proc.returncode == 2 and "non-finite weights" in proc.stderr and "linear.bias" in proc.stderr
+    assert "train:" not in proc.stdout  # refused before any data was built (the data banner)
 
     # finite weights whose logits overflow (a huge classifier): stopped at the first step
     state = build_teacher("resnet32", 10, "linear").state_dict()
