@@ -22,7 +22,7 @@ NAME=${NAME:-cifar10_lt_cpu}
 BASELINE=${BASELINE:-$OUT/baseline}
 PY=${PY:-.venv/bin/python}
 TEACHER=(train.epochs=25 loss.drw_epoch=18 "sched.milestones=[18,23]" train.eval_every=5)
-STUDENT=(train.epochs=16 distill.drw_epoch=10 train.eval_every=4)
+STUDENT=(train.epochs=20 distill.drw_epoch=12 train.eval_every=4)
 teacher_args=() student_args=() seen_sep=0
 for a in "$@"; do
     if [ "$a" = "--" ] && [ $seen_sep = 0 ]; then seen_sep=1; continue; fi
