@@ -103,13 +103,14 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict) -> Callable:
     mean, std = NORMALIZATION[aug_cfg["normalize"]]
     if not is_train:
         # DeiT: size = int(input_size / eval_crop_ratio); Resize(size, interpolation=3 (bicubic));
-        # the published ImageNet-LT / iNat teachers: Resize(256), bilinear (docs/recipe.md section 4).
+        # the published ImageNet-LT / iNat teachers: Resize(256), bilinear (docs/recipe.md section 4);
+        # an aug section from before the key (a stored config) means bicubic.
         ratio = float(aug_cfg["eval_crop_ratio"])
         if not 0.0 < ratio <= 1.0:
             raise DataError(f"aug.eval_crop_ratio must be in (0, 1], got {ratio}")
         return transforms.Compose([
             transforms.Resize(int(input_size / ratio),
-                              interpolation=transforms.InterpolationMode(aug_cfg["eval_interpolation"])),
+                              interpolation=transforms.InterpolationMode(aug_cfg.get("eval_interpolation", "bicubic"))),
             transforms.CenterCrop(input_size),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),

@@ -305,13 +305,13 @@ def test_missing_keys_refused(work, capsys):
 
 
 def test_architecture_mismatch_refused(work, capsys):
-    """Stored arch says depth 2, weights are depth 1: a strict-load error, never a partial model."""
+    """Stored arch says depth 2, weights are depth 1: refused before building, never a partial model."""
     from models import build_student
 
     path = work["tmp"] / "student_wrong_arch.pth"
     model = build_student(STUDENT_ARCH)
     save_student(model, work["cfg"], path, arch={**model.student_arch, "depth": 2})
-    expect_error(["--ckpt", path], capsys, "does not match", "blocks.1")
+    expect_error(["--ckpt", path], capsys, "the stored arch has depth 2, the weights 1 blocks")
 
 
 def test_ema_weights(work, capsys):
