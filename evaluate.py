@@ -4,6 +4,8 @@
     python evaluate.py --ckpt ../shared/parity/reference_student_checkpoint.pth \
         data.path=../shared/data/cifar10-jpeg eval.analysis=true --teacher runs/teacher/checkpoint.pth
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --ckpt ... # same numbers
+    python evaluate.py --ckpt runs/c10lt/checkpoint.pth eval.ema=true --export hub/c10lt  # then:
+    python evaluate.py --ckpt local-dir:hub/c10lt   # or timm.create_model("local-dir:hub/c10lt", pretrained=True)
 
 Reports top-1 and top-5, per-class accuracy (from the confusion matrix) and head / mid / tail
 (means of per-class accuracies over the groups' classes, docs/recipe.md section 6) for each of
@@ -21,6 +23,11 @@ checkpoint's stored ``data``/``aug`` sections (project files) or what a referenc
 (a CIFAR ResNet-32 teacher: 32x32 input, CIFAR normalisation, no resize) < ``--config`` (a
 training config works: its other sections are skipped) < ``section.key=value`` overrides. A
 student's input size is its architecture's ``img_size``.
+
+Sharing (models/export.py): ``--export DIR`` then writes the scored weights in timm's hub layout
+(config.json, model.safetensors, a model card README.md with the table just measured);
+``--push-to-hub user/name`` uploads that folder. ``--ckpt`` and ``--teacher`` also take such a
+model: ``hf-hub:user/name``, ``local-dir:DIR`` or the folder itself (models/hub.py).
 
 ``eval.analysis=true`` (implied by ``--teacher``) adds the paper's analyses (``analysis.py``): mean attention distance per block
 and head, CLS/DIST attention spread, the rank of the CLS and DIST features, and the agreement

@@ -1,6 +1,6 @@
 """Sharing models in timm's hub layout (models/export.py, models/hub.py, evaluate.py --export).
 
-One module fixture evaluates a tiny project student (patch 4, 32x32, depth 1, width 48: not a
+One module fixture evaluates (evaluate.main, in-process) a tiny project student (patch 4, 32x32, depth 1, width 48: not a
 registered timm size) with ``--export`` on generated data; the tests read that folder back with
 plain timm in a subprocess that imports no project code, with ``evaluate.py --ckpt local-dir:``
 and as ``model.init_ckpt``. A timm ``resnet10t`` teacher exported the same way distils a student
@@ -9,6 +9,8 @@ network and a token, so only its offline refusal is tested.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -35,6 +37,7 @@ def dataset_of(names):
 def work(tmp_path_factory) -> dict:
     """Generated data, a tiny project student (model + different EMA weights), and its
     evaluation with --export (EMA weights)."""
+    import evaluate
     from helpers import class_names
     from models.checkpoint import make_checkpoint
     from models.student import build_student
@@ -50,10 +53,12 @@ def work(tmp_path_factory) -> dict:
     ckpt = make_checkpoint("student", model.student_arch, model.state_dict(), ema_state=ema.state_dict(),
                            epoch=4, config=cfg, metrics={}, dataset=dataset_of(class_names(10)))
     torch.save(ckpt, tmp / "student.pth")
-    out = tmp / "exported"
-    proc = run(["evaluate.py", "--ckpt", str(tmp / "student.pth"), "eval.ema=true", "--export", str(out),
-                "--json", str(tmp / "eval.json")])
-    return {"tmp": tmp, "data": data, "ckpt": ckpt, "ema": ema, "out": out, "stdout": proc.stdout,
+    out, stdout = tmp / "exported", io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # in-process: the script's own main, without a second start-up
+        status = evaluate.main(["--ckpt", str(tmp / "student.pth"), "eval.ema=true", "--export", str(out),
+                                "--json", str(tmp / "eval.json")])
+    assert status == 0, stdout.getvalue()[-3000:]
+    return {"tmp": tmp, "data": data, "ckpt": ckpt, "ema": ema, "out": out, "stdout": stdout.getvalue(),
             "eval": json.loads((tmp / "eval.json").read_text()), "names": class_names(10)}
 
 
@@ -122,13 +127,14 @@ def test_config_and_card(work):
 def test_evaluate_reads_the_folder(work):
     """evaluate.py --ckpt local-dir:DIR needs no data path (the stored config has it) and gives
     the numbers of the EMA checkpoint it was exported from; a plain folder works too."""
+    import evaluate
+
     tmp = work["tmp"]
-    run(["evaluate.py", "--ckpt", f"local-dir:{work['out']}", "--json", str(tmp / "again.json")])
+    assert evaluate.main(["--ckpt", f"local-dir:{work['out']}", "--json", str(tmp / "again.json")]) == 0
     again = json.loads((tmp / "again.json").read_text())
     for head in ("cls", "dist", "avg"):
         assert again[head]["top1"] == work["eval"][head]["top1"]
     assert again["num_samples"] == work["eval"]["num_samples"]
-    import evaluate
 
     model, info = evaluate.load_checkpoint(str(work["out"]))  # a plain folder in that layout
     assert info["kind"] == "student" and info["class_names"] == work["names"]
@@ -212,3 +218,34 @@ def test_hub_id_offline_is_one_line(work, capsys, monkeypatch):
         train_student.validate(cfg)
     assert str(e.value).startswith("distill.teacher_ckpt: hf-hub:nobody/teacher") and "offline" in str(e.value)
     assert not (work["tmp"] / "never").exists()
+
+
+def test_push_uploads_the_folder(work, monkeypatch, capsys):
+    """What --push-to-hub does with huggingface_hub (the upload itself needs the network and a
+    token: a stand-in HfApi records the calls); without a token it stops before evaluating."""
+    import evaluate
+    from models.export import push_folder
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            calls.append(("init", kwargs))
+
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, folder_path))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc")
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    assert push_folder(work["out"], "me/model") == "https://huggingface.co/me/model/commit/abc"
+    assert calls[1:] == [("create_repo", "me/model", True), ("upload_folder", "me/model", str(work["out"]))]
+    assert calls[0][1]["library_name"] == "timm"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert evaluate.main(["--ckpt", str(work["tmp"] / "student.pth"), "--push-to-hub", "me/model"]) == 2
+    captured = capsys.readouterr()
+    assert "--push-to-hub me/model: no Hugging Face token" in captured.err and "evaluating" not in captured.out
