@@ -144,7 +144,8 @@ def _teacher_line(run_config: dict | None) -> str:
 
 
 def model_card(*, kind: str, arch: dict, timm_name: str, info: dict, results: dict, run_config: dict | None,
-               data: dict, train_counts, weights: str, load_id: str, license: str, source: str) -> str:
+               data: dict, train_counts, weights: str, load_id: str, license: str, source: str,
+               subset: bool = False) -> str:
     """The README.md of the exported folder."""
     title = DATASET_TITLES.get(data.get("dataset"), str(data.get("dataset")))
     if kind == "student":
@@ -188,7 +189,8 @@ def model_card(*, kind: str, arch: dict, timm_name: str, info: dict, results: di
         "",
         f"{results['dataset']} split `{results['split']}`, **{results['num_samples']} images**; head / mid / tail: "
         f"mean per-class top-1 over {len(groups['head'])} / {len(groups['mid'])} / {len(groups['tail'])} classes "
-        f"({results['group_rule']}).",
+        f"({results['group_rule']})." + (" **A subset (eval.max_samples): not the benchmark's numbers.**"
+                                          if subset else ""),
         "",
         "| output | top-1 | top-5 | head | mid | tail |",
         "|---|---|---|---|---|---|",
@@ -269,7 +271,7 @@ def export_folder(out_dir: str | os.PathLike, model: nn.Module, info: dict, resu
     load_id = f"hf-hub:{hub_id}" if hub_id else f"local-dir:{out}"
     card = model_card(kind=kind, arch=arch, timm_name=timm_name, info=info, results=results, run_config=run_config,
                       data={**data, **aug}, train_counts=train_counts, weights=ours["weights"], load_id=load_id,
-                      license=license, source=source)
+                      license=license, source=source, subset=bool((cfg.get("eval") or {}).get("max_samples")))
     atomic_write_text(out / "README.md", card)
     if run_config:
         atomic_write_text(out / "train_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
