@@ -249,3 +249,19 @@ def test_push_uploads_the_folder(work, monkeypatch, capsys):
     assert evaluate.main(["--ckpt", str(work["tmp"] / "student.pth"), "--push-to-hub", "me/model"]) == 2
     captured = capsys.readouterr()
     assert "--push-to-hub me/model: no Hugging Face token" in captured.err and "evaluating" not in captured.out
+
+
+def test_teacher_architectures():
+    """A project ResNet-50 (torchvision layout) is timm's resnet50, weights and logits alike;
+    LDAM's cosine head is no timm classifier and is refused naming the project's loader."""
+    from models.export import to_timm
+    from models.teacher import build_teacher
+
+    torch.manual_seed(2)
+    teacher = build_teacher("resnet50", 7).eval()
+    exported = to_timm(teacher, "teacher", teacher.teacher_arch)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert type(exported).__name__ == "ResNet" and torch.equal(exported(x), teacher(x))
+    with pytest.raises(CheckpointError, match="'normed' .*models.checkpoint.load_teacher"):
+        to_timm(teacher, "teacher", {**teacher.teacher_arch, "head": "normed"})
