@@ -54,7 +54,7 @@ from engine.device import build_accelerator
 from engine.metrics import classification_metrics, collect_logits, confusion_matrix
 from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
-from models.export import DEFAULT_LICENSE, check_push, export_folder, push_folder, timm_architecture
+from models.export import DEFAULT_LICENSE, check_exportable, check_push, export_folder, push_folder
 from models.hub import is_hub_source, resolve_folder
 from models.student import output_names, student_outputs
 from models.teacher import teacher_input_size
@@ -432,7 +432,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
         validate_with_origin(cfg, args, stored_config(info) or {})
         check_output_paths(args.json, args.out_dir)
         if args.export or args.push_to_hub:  # refused before any evaluation
-            timm_architecture(kind, arch)
+            check_exportable(model, kind, arch, cfg["data"]["input_size"])
             if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
                 raise EvalError(f"--export {args.export} is an existing file, not a folder")
             if args.push_to_hub:

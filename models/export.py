@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import torch.nn as nn
 import yaml
 
@@ -90,6 +91,33 @@ def to_timm(model: nn.Module, kind: str, arch: dict) -> nn.Module:
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     load_state_dict_strict(out, state, f"timm {name}")
     return out.eval()
+
+
+def check_same_prediction(model: nn.Module, exported: nn.Module, size: int) -> None:
+    """CheckpointError unless the timm model's eval output is the student's reported prediction:
+    timm's ``VisionTransformerDistilled`` returns the mean of the two heads, so a student whose
+    ``combine`` was changed (a weighted or learned mean) cannot be shared as that timm model."""
+    from models.student import student_outputs, unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = student_outputs(inner, x.to(device))[inner.PREDICTION].float().cpu()
+        theirs = exported(x)
+    if not torch.allclose(theirs, ours, rtol=1e-3, atol=1e-3 * max(1.0, ours.abs().max().item())):
+        raise CheckpointError(f"cannot export this student as timm's VisionTransformerDistilled: timm predicts "
+                              f"the mean of the CLS and DIST logits, this student's combine() differs (by up to "
+                              f"{(theirs - ours).abs().max().item():.3g}); share the project's checkpoint instead")
+
+
+def check_exportable(model: nn.Module, kind: str, arch: dict, size: int) -> None:
+    """The refusals of ``export_folder``, before any evaluation: an architecture timm cannot
+    build, a student whose prediction is not timm's."""
+    if kind == "student":
+        check_same_prediction(model, to_timm(model, kind, arch), size)
+    else:
+        timm_architecture(kind, arch)
 
 
 # ----------------------------------------------------------------------------- class order
@@ -239,6 +267,8 @@ def export_folder(out_dir: str | os.PathLike, model: nn.Module, info: dict, resu
     kind, arch = info["kind"], info["arch"]
     timm_name, _ = timm_architecture(kind, arch)
     timm_model = to_timm(model, kind, arch)
+    if kind == "student":
+        check_same_prediction(model, timm_model, cfg["data"]["input_size"])
     label_names = in_model_order(results["class_names"], perm)
     train_counts = info.get("train_counts") or in_model_order(results.get("train_counts"), perm)
     class_map = info.get("class_map")
@@ -313,5 +343,5 @@ def push_folder(folder: str | os.PathLike, repo_id: str) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["timm_architecture", "to_timm", "export_folder", "model_card", "check_push", "push_folder",
+__all__ = ["timm_architecture", "to_timm", "check_same_prediction", "check_exportable", "export_folder", "model_card", "check_push", "push_folder",
            "in_model_order"]

@@ -265,3 +265,16 @@ def test_teacher_architectures():
         assert type(exported).__name__ == "ResNet" and torch.equal(exported(x), teacher(x))
     with pytest.raises(CheckpointError, match="'normed' .*models.checkpoint.load_teacher"):
         to_timm(teacher, "teacher", {**teacher.teacher_arch, "head": "normed"})
+
+
+def test_a_changed_combine_is_not_exported(monkeypatch):
+    """timm's student predicts the mean of the heads: a weighted combine() is refused."""
+    from models.export import check_exportable
+    from models.student import DistilledStudent, build_student
+
+    torch.manual_seed(3)
+    model = build_student(ARCH).eval()
+    check_exportable(model, "student", model.student_arch, 32)  # the mean: timm's prediction
+    monkeypatch.setattr(DistilledStudent, "combine", lambda self, h: 0.8 * h["cls"] + 0.2 * h["dist"])
+    with pytest.raises(CheckpointError, match="combine"):
+        check_exportable(model, "student", model.student_arch, 32)
