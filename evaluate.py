@@ -4,6 +4,8 @@
     python evaluate.py --ckpt ../shared/parity/reference_student_checkpoint.pth \
         data.path=../shared/data/cifar10-jpeg eval.analysis=true --teacher runs/teacher/checkpoint.pth
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --ckpt ... # same numbers
+    python evaluate.py --ckpt runs/c10lt/checkpoint.pth eval.ema=true --export hub/c10lt  # then:
+    python evaluate.py --ckpt local-dir:hub/c10lt   # or timm.create_model("local-dir:hub/c10lt", pretrained=True)
 
 Reports top-1 and top-5, per-class accuracy (from the confusion matrix) and head / mid / tail
 (means of per-class accuracies over the groups' classes, docs/recipe.md section 6) for each of
@@ -21,6 +23,11 @@ checkpoint's stored ``data``/``aug`` sections (project files) or what a referenc
 (a CIFAR ResNet-32 teacher: 32x32 input, CIFAR normalisation, no resize) < ``--config`` (a
 training config works: its other sections are skipped) < ``section.key=value`` overrides. A
 student's input size is its architecture's ``img_size``.
+
+Sharing (models/export.py): ``--export DIR`` then writes the scored weights in timm's hub layout
+(config.json, model.safetensors, a model card README.md with the table just measured);
+``--push-to-hub user/name`` uploads that folder. ``--ckpt`` and ``--teacher`` also take such a
+model: ``hf-hub:user/name``, ``local-dir:DIR`` or the folder itself (models/hub.py).
 
 ``eval.analysis=true`` (implied by ``--teacher``) adds the paper's analyses (``analysis.py``): mean attention distance per block
 and head, CLS/DIST attention spread, the rank of the CLS and DIST features, and the agreement
@@ -47,6 +54,8 @@ from engine.device import build_accelerator
 from engine.metrics import classification_metrics, collect_logits, confusion_matrix
 from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
+from models.export import DEFAULT_LICENSE, check_exportable, check_push, export_folder, push_folder
+from models.hub import is_hub_source, resolve_folder
 from models.student import output_names, student_outputs
 from models.teacher import teacher_input_size
 from utils import atomic_write_text, check, git_sha, parse_config, print_config
@@ -134,13 +143,20 @@ def check_output_paths(json_path: str | None, out_dir: str | None) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """evaluate.py's own flags (everything else is a ``section.key=value`` config key)."""
     parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate: the project's "
-                        "checkpoint.pth / best_checkpoint.pth, or a reference student or teacher file")
+                        "checkpoint.pth / best_checkpoint.pth, a reference student or teacher file, or an "
+                        "exported model: hf-hub:user/name, local-dir:DIR")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON here "
                         "(default with --out-dir: OUT_DIR/eval.json)")
     parser.add_argument("--out-dir", default=None, metavar="DIR", help="write per_class_accuracy.png, "
                         "confusion_matrix.png (and the analyses' JSON and PNG files) here")
     parser.add_argument("--teacher", default=None, metavar="PATH", help="a teacher checkpoint for the "
                         "DIST-vs-teacher agreement analysis (implies eval.analysis=true)")
+    parser.add_argument("--export", default=None, metavar="DIR", help="after evaluating, write the model in "
+                        "timm's hub layout (config.json, model.safetensors, model card README.md) here")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload that folder to the "
+                        "Hugging Face hub (user/name; token from HF_TOKEN or the login cache)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, metavar="ID", help="the model card's licence "
+                        "field (a hub licence id, e.g. apache-2.0, cc-by-nc-4.0)")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -150,7 +166,9 @@ def load_checkpoint(path: str, ema: bool = False, teacher: bool = False) -> tupl
     """A student or teacher (``teacher=True``: a teacher only) from ``path``, strictly and
     safely loaded; EvalError naming the problem otherwise."""
     what = "teacher checkpoint" if teacher else "checkpoint"
-    if not Path(path).is_file():
+    if is_hub_source(path):  # hf-hub:user/name, local-dir:DIR or a folder in timm's hub layout
+        path = str(resolve_folder(path, "--teacher" if teacher else "--ckpt"))
+    elif not Path(path).is_file():
         raise EvalError(f"{what} not found: {path}")
     try:
         if teacher:
@@ -352,6 +370,19 @@ def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_di
         atomic_write_text(json_path, json.dumps(results, indent=1))
 
 
+def share(args: argparse.Namespace, model: torch.nn.Module, info: dict, results: dict, cfg: dict,
+          perm: torch.Tensor | None) -> None:
+    """--export / --push-to-hub: the folder in timm's hub layout with the card of ``results``."""
+    import tempfile
+
+    folder = args.export or tempfile.mkdtemp(prefix="deit_lt_export_")
+    export_folder(folder, model, info, results, cfg, perm=None if perm is None else perm.tolist(),
+                  source=str(args.ckpt), license=args.license, hub_id=args.push_to_hub)
+    print(f"exported {results['kind']} ({info.get('weights', 'model')} weights) in timm's hub layout to {folder}")
+    if args.push_to_hub:
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}: {push_folder(folder, args.push_to_hub)}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -400,6 +431,12 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     if not args.print_config:
         validate_with_origin(cfg, args, stored_config(info) or {})
         check_output_paths(args.json, args.out_dir)
+        if args.export or args.push_to_hub:  # refused before any evaluation
+            check_exportable(model, kind, arch, cfg["data"]["input_size"])
+            if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+                raise EvalError(f"--export {args.export} is an existing file, not a folder")
+            if args.push_to_hub:
+                check_push(args.push_to_hub)
     teacher, teacher_info = load_checkpoint(args.teacher, teacher=True) if args.teacher else (None, None)
     if args.print_config:
         print_config(cfg)
@@ -499,6 +536,8 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
         print(format_report(results))
         cm = confusion_matrix(outputs[prediction].argmax(1), targets, num_classes)
         write_outputs(results, cm, args.json, args.out_dir)
+        if args.export or args.push_to_hub:
+            share(args, model, info, results, cfg, perm)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group of a multi-process launch
     return 0

@@ -35,6 +35,7 @@ from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DistillationLoss
 from losses.drw import drw_weights
 from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
+from models.hub import is_hub_source, resolve_folder
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
 from models.teacher import fold_batchnorm, teacher_input_size, teacher_renormalization
@@ -56,7 +57,8 @@ SPEC = {
         "fused_attn": (True, "use fused scaled-dot-product attention (same numbers, faster)"),
         "compile": (False, "torch.compile the student (see bench/train_step.py for when it helps)"),
         "init_ckpt": (None, "start from these weights (DeiT's --finetune): a project or reference "
-                      "student (.pth / .safetensors) or a timm/DeiT ViT checkpoint; pos_embed is "
+                      "student (.pth / .safetensors, hf-hub:user/name, local-dir:DIR) or a timm/DeiT ViT "
+                      "checkpoint; pos_embed is "
                       "resampled to the patch grid, the heads are reset when the class count "
                       "differs; the report is printed and saved as init.json", str),
         "init_heads": ("auto", "model.init_ckpt heads: 'auto': reset when the class count differs; "
@@ -83,7 +85,8 @@ SPEC = {
         "type": ("hard", "hard: CE on the teacher's argmax; soft: DeiT's KL with tau; none: no "
                  "teacher, both heads on the labels (baseline)", ("hard", "soft", "none")),
         "teacher_ckpt": (None, "teacher checkpoint: ours, the reference LDAM/CE/PaCo files, or with "
-                         "distill.teacher_model timm's/torchvision's own state dict", str),
+                         "distill.teacher_model timm's/torchvision's own state dict; or a model in timm's "
+                         "hub layout: hf-hub:user/name, local-dir:DIR (evaluate.py --export)", str),
         "teacher_model": (None, "teacher by name (resnet32, resnet50 or any timm CNN) for weights in "
                           "timm's/torchvision's own format or distill.teacher_pretrained; null: the "
                           "checkpoint says", str),
@@ -169,6 +172,9 @@ def validate(cfg: dict) -> None:
     for key, path in (("distill.teacher_ckpt", d["teacher_ckpt"] if d["type"] != "none" else None),
                       ("model.init_ckpt", m["init_ckpt"])):
         if path is None:
+            continue
+        if is_hub_source(path):  # hf-hub:/local-dir:/a timm hub folder: fetched (or refused offline) now
+            resolve_folder(path, key)
             continue
         check(Path(path).is_file(), key, f"file not found: {path}")
         if not str(path).lower().endswith(".safetensors"):  # (read by safetensors)

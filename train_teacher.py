@@ -35,6 +35,7 @@ from losses.ldam import LDAMLoss
 from losses.paco import PaCoLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
 from models.checkpoint import init_teacher_from, make_checkpoint
+from models.hub import is_hub_source, resolve_folder
 from models.paco import build_paco
 from models.student import unwrap
 from models.teacher import build_teacher
@@ -115,7 +116,9 @@ SPEC = {
 def validate(cfg: dict) -> None:
     validate_run(cfg)
     o, s, lcfg, epochs = cfg["optim"], cfg["sched"], cfg["loss"], cfg["train"]["epochs"]
-    if cfg["model"]["init_ckpt"] is not None:
+    if cfg["model"]["init_ckpt"] is not None and is_hub_source(cfg["model"]["init_ckpt"]):
+        resolve_folder(cfg["model"]["init_ckpt"], "model.init_ckpt")  # fetched (or refused offline) now
+    elif cfg["model"]["init_ckpt"] is not None:
         check(Path(cfg["model"]["init_ckpt"]).is_file(), "model.init_ckpt",
               f"file not found: {cfg['model']['init_ckpt']}")
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")

@@ -1,5 +1,6 @@
 """Models of DeiT-LT: the ViT student and its head contract, the CNN teachers, PaCo, and the
-checkpoint format (``models.checkpoint``) over safe, strict loading (``models.safe_load``)."""
+checkpoint format (``models.checkpoint``) over safe, strict loading (``models.safe_load``), and
+sharing in timm's hub layout (``models.export`` writes it, ``models.hub`` reads it)."""
 from models.checkpoint import load_any, load_student, load_teacher, make_checkpoint
 from models.resnet_cifar import NormedLinear, resnet32
 from models.safe_load import (CheckpointMismatchError, UnsafeCheckpointError, load_state_dict_strict,

@@ -469,7 +469,12 @@ def read_safetensors(path: str | os.PathLike) -> dict:
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The content of a checkpoint file: ``read_safetensors`` for a ``.safetensors`` path,
-    ``safe_load`` (``weights_only=True`` plus the allow-list) for anything else."""
+    ``safe_load`` (``weights_only=True`` plus the allow-list) for anything else; a hub id or
+    folder in timm's hub layout (``hf-hub:``, ``local-dir:``) is read by ``models.hub``."""
+    from models.hub import is_hub_source, read_source
+
+    if is_hub_source(path):
+        return read_source(path)
     if is_safetensors_path(path):
         return read_safetensors(path)
     return safe_load(path)
