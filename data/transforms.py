@@ -10,6 +10,7 @@ i.e. 256 -> 224; not timm's 0.9).
 """
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
@@ -152,6 +153,11 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict, uint8: bool =
     if uint8:
         transform.transforms[:] = uint8_tail(transform.transforms, float(aug_cfg["reprob"]),
                                              int(aug_cfg["recount"]))
+        if aug_cfg["train_crop"] == "rrc":
+            first = transform.transforms[0]
+            transform.transforms[0] = DraftRandomResizedCrop(first.size, first.scale, first.ratio,
+                                                             aug_cfg["train_interpolation"])
+            transform.lazy_jpeg = True  # LongTailDataset: hand JPEGs over undecoded
     return transform
 
 
@@ -165,6 +171,55 @@ def build_transform(is_train: bool, data_cfg: dict, aug_cfg: dict, uint8: bool =
 # fills a box ('pixel' / 'rand' modes: N(0, 1), as timm's) is drawn on the device, per batch,
 # from the step's seeded generator. With the same images the two paths give identical batches
 # except those noise values (tests/test_feed.py).
+
+
+class DraftRandomResizedCrop:
+    """timm's RandomResizedCropAndInterpolation (the same draws, in the same order) that decodes
+    a JPEG handed over undecoded (``open_rgb(..., lazy_jpeg=True)``) at a reduced scale when the
+    crop allows it: libjpeg's DCT scaling by 1/s, s in 2, 4, 8, costs about 1/s^2 of the decode.
+
+    Why the distribution is kept: the crop box is drawn on the full image size before any
+    decoding, exactly as timm draws it, and s is the largest power of two for which the box
+    still covers at least the output size in both dimensions at scale 1/s; the box is then
+    resampled (float coordinates, the same interpolation) from the reduced image. The output is
+    still a downscale of the same region, from a source at least as fine as the output (the DCT
+    scaling is an anti-aliased reduction), never an upscale of a coarser one. A crop under twice
+    the output size (every crop of a 500x375 ImageNet image at 224) decodes in full and gives
+    timm's pixels exactly (tests/test_feed.py)."""
+
+    def __init__(self, size, scale, ratio, interpolation: str) -> None:
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+
+        self.crop = RandomResizedCropAndInterpolation(size, scale, ratio, interpolation)
+        self.size, self.scale, self.ratio = self.crop.size, self.crop.scale, self.crop.ratio
+
+    def __call__(self, img):
+        from PIL import JpegImagePlugin
+        from torchvision.transforms import functional as F
+
+        if not (isinstance(img, JpegImagePlugin.JpegImageFile) and img.tile):
+            return self.crop(img)  # already decoded: timm's crop as it is
+        i, j, h, w = self.crop.get_params(img, self.scale, self.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        fit = min(h // self.size[0], w // self.size[1])  # how many times the box covers the output
+        s = next(k for k in (8, 4, 2, 1) if k <= max(fit, 1))
+        width, height = img.size
+        if s > 1:
+            img.draft("RGB", (-(-width // s), -(-height // s)))
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot read image {img.info.get('what', img.filename)}: {type(e).__name__}: {e}") from e
+        s = img.decoderconfig[0] if img.decoderconfig else 1  # the scale libjpeg applied
+        if s == 1:
+            return F.resized_crop(img, i, j, h, w, list(self.size), interpolation)
+        return img.resize(self.size[::-1], F.pil_modes_mapping[interpolation],
+                          box=(j / s, i / s, (j + w) / s, (i + h) / s))
+
+    def __repr__(self) -> str:
+        return f"Draft{self.crop!r}"
 
 
 class _BoxRecorder:

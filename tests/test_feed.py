@@ -117,3 +117,74 @@ def test_student_step_on_the_uint8_loader(tmp_path):
         runs.append((terms["loss"], copy.deepcopy(model.state_dict())))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+
+
+def _smooth_jpeg(width: int, height: int) -> bytes:
+    """A JPEG of smooth content (gradients and slow waves), where a resampling error would show."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([0.5 + 0.4 * np.sin(7 * x + 3 * y), x, 0.5 + 0.4 * np.cos(5 * y - 2 * x)], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray((255 * rgb).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_draft_crop_keeps_the_crop_distribution():
+    """DraftRandomResizedCrop on an undecoded JPEG: timm's draws (the same RNG state after the
+    call), the same region; a 1200x900 image is decoded at 1/2 or 1/4 for large crops and the
+    result stays within a few grey levels of timm's full decode; a 500x375 image (no crop twice
+    224) gives timm's pixels exactly."""
+    import io
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from data.sources import open_rgb
+    from data.transforms import DraftRandomResizedCrop
+
+    timm_crop = RandomResizedCropAndInterpolation(224, interpolation="bicubic")
+    draft_crop = DraftRandomResizedCrop(224, timm_crop.scale, timm_crop.ratio, "bicubic")
+    for (w, h), seeds in (((1200, 900), range(12)), ((500, 375), range(4))):
+        jpeg = _smooth_jpeg(w, h)
+        scales = []
+        for seed in seeds:
+            random.seed(seed)
+            expected = np.asarray(timm_crop(open_rgb(io.BytesIO(jpeg), "full")), dtype=np.int16)
+            after = random.getstate()
+            random.seed(seed)
+            lazy = open_rgb(io.BytesIO(jpeg), "lazy", lazy_jpeg=True)
+            assert lazy.tile  # not decoded yet
+            got = np.asarray(draft_crop(lazy), dtype=np.int16)
+            assert random.getstate() == after
+            scales.append(lazy.decoderconfig[0] if lazy.decoderconfig else 1)
+            if scales[-1] == 1:
+                assert np.array_equal(got, expected)
+            else:
+                assert np.abs(got - expected).mean() < 0.5, (seed, scales[-1])
+        if w == 500:
+            assert set(scales) == {1}
+        else:
+            assert {1, 2} <= set(scales)
+
+
+def test_uint8_transform_decodes_jpegs_in_the_crop(tmp_path):
+    """The uint8 training transform asks the dataset for undecoded JPEGs (the crop decodes
+    them); a truncated JPEG still fails with a DataError naming the file."""
+    from data import build_datasets
+    from errors import DataError
+
+    image_root, train_list, val_list = make_split_files(tmp_path, [3, 2], [1, 1], size=40)
+    data_cfg = {**DEFAULTS["data"], "dataset": "imagenet_lt", "root": str(image_root),
+                "train_list": str(train_list), "val_list": str(val_list), "input_size": 32}
+    transform = build_transform(True, data_cfg, DEFAULTS["aug"], uint8=True)
+    assert transform.lazy_jpeg and not hasattr(build_transform(True, data_cfg, DEFAULTS["aug"]), "lazy_jpeg")
+    train, _ = build_datasets(data_cfg, transform, None)
+    assert train.load_image(0, lazy_jpeg=True).tile and not train.load_image(0).tile
+    victim = image_root / train.source.paths[train.source_indices[0]]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(DataError, match=victim.name):
+        train[0]
