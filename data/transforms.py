@@ -7,6 +7,9 @@ the first step replaced by ``RandomCrop(input_size, padding=4)``, which is what 
 ``build_transform`` does for inputs of 32 pixels or less; it suits native-resolution CIFAR.
 Evaluation: Resize(int(input_size / eval_crop_ratio), bicubic) + CenterCrop, as DeiT (0.875,
 i.e. 256 -> 224; not timm's 0.9).
+uint8 feed (``aug.gpu_feed``, on by default on CUDA): the training transform stops at the uint8
+image and the erasing boxes it draws; ``DeviceFeed`` normalises and erases the batch on the
+device; the crop decodes large JPEGs at the scale it needs (``DraftRandomResizedCrop``).
 """
 from __future__ import annotations
 
