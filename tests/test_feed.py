@@ -5,8 +5,8 @@ boxes) in 'pixel' mode, whose N(0, 1) noise is drawn on the device instead of in
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -17,9 +17,6 @@ from engine.seeding import seed_everything
 from helpers import class_image, make_split_files
 from utils import split_spec
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS, _, _ = split_spec({"data": DATA_SPEC, "aug": AUG_SPEC})
 
 
