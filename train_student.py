@@ -27,6 +27,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from data import AUG_SPEC, DATA_SPEC
+from data.transforms import build_device_feed
 from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
@@ -285,9 +286,10 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
                class_weights=None, clip_grad=None, model_ema=None, ema_decays: int = 1,
-               accum_steps: int | None = None) -> dict[str, torch.Tensor]:
+               accum_steps: int | None = None, feed=None) -> dict[str, torch.Tensor]:
     """One optimiser update of the student over ``window``, a list of ``(images, labels)``
-    micro-batches (gradient accumulation), and ``ema_decays`` EMA updates (the reference's
+    micro-batches (gradient accumulation; uint8 images that ``feed`` normalises and erases on
+    the device with ``aug.gpu_feed``), and ``ema_decays`` EMA updates (the reference's
     once-per-micro-batch cadence: ``ema_decays - 1`` towards the weights before the optimiser
     step, as its EMA sees them at the window's earlier micro-batches, one towards the new ones).
 
@@ -302,8 +304,7 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
     for i, (samples, targets) in enumerate(window):
         # On the device before mixup (the reference's DRW phase mixed CPU tensors: docs/recipe.md
         # section 7, bug 4).
-        samples = samples.to(accelerator.device, non_blocking=True)
-        targets = targets.to(accelerator.device, non_blocking=True)
+        samples, targets = loop.to_device((samples, targets), accelerator.device, feed)
         if mixup_fn is not None:
             if len(samples) % 2:  # timm's Mixup needs an even batch: an odd last batch drops one image
                 samples, targets = samples[:-1], targets[:-1]
@@ -332,7 +333,7 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
 
 def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, epoch: int, cfg: dict,
                     lr_scheduler, mixup_fn, class_weights, model_ema, start_step: int,
-                    preemption, save_fn) -> dict | None:
+                    preemption, save_fn, feed=None) -> dict | None:
     """One epoch of ``train_step``; returns the mean loss terms and lr, or None when preempted."""
     model.train()
     tcfg = cfg["train"]
@@ -362,7 +363,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
                            class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
                            model_ema=model_ema, ema_decays=ema_updates(len(window)),
-                           accum_steps=accum)
+                           accum_steps=accum, feed=feed)
         if monitor.after_step(step, terms, lr=optimizer.param_groups[0]["lr"]):
             return None
         bar.set_postfix(loss=f"{monitor.mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -455,6 +456,7 @@ def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ data
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator)
+    feed = build_device_feed(cfg["aug"], accelerator.device)  # uint8 batches -> normalised, erased
     num_classes = dataset_train.num_classes
     accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"peak lr {peak_lr:.3e}"))
 
@@ -542,7 +544,7 @@ def main(cfg: dict) -> dict:
             model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
             lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
             model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
-            preemption=preemption, save_fn=save_state)
+            preemption=preemption, save_fn=save_state, feed=feed)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
             trackers.finish(accelerator)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data import AUG_SPEC, DATA_SPEC
 from data.paco_views import paco_transform
-from data.transforms import NORMALIZATION
+from data.transforms import NORMALIZATION, build_device_feed
 from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
@@ -275,7 +275,7 @@ def train_step(model, criterion, window, optimizer, accelerator, *, sam: bool,
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, epoch: int,
-                    cfg: dict, start_step: int, preemption, save_fn) -> dict | None:
+                    cfg: dict, start_step: int, preemption, save_fn, feed=None) -> dict | None:
     """One epoch of ``train_step``; returns the mean loss and lr, or None when preempted."""
     model.train()
     tcfg, o = cfg["train"], cfg["optim"]
@@ -292,7 +292,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
             group["lr"] = lr
             group["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
-        window = [loop.to_device(batch, accelerator.device) for batch in window]
+        window = [loop.to_device(batch, accelerator.device, feed) for batch in window]
         terms = train_step(model, criterion, window, optimizer, accelerator, sam=o["sam"],
                            clip_grad=o["clip_grad"], accum_steps=accum,
                            sam_bn_first_pass_only=o["sam_bn"] == "first_pass")
@@ -324,6 +324,8 @@ def main(cfg: dict) -> dict:
                   if cfg["loss"]["type"] == "paco" else None)  # PaCo's two augmented views
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator, train_transform=paco_views)
+    # Plain batches: uint8 images normalised on the device with aug.gpu_feed (PaCo's views stay float).
+    feed = build_device_feed(cfg["aug"], accelerator.device) if paco_views is None else None
     counts = dataset_train.train_counts
     accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"lr {cfg['optim']['lr']}"))
 
@@ -406,7 +408,7 @@ def main(cfg: dict) -> dict:
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator,
                                 epoch=epoch, cfg=cfg,
                                 start_step=progress["step"] if epoch == progress["epoch"] else 0,
-                                preemption=preemption, save_fn=save_state)
+                                preemption=preemption, save_fn=save_state, feed=feed)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
             trackers.finish(accelerator)

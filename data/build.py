@@ -143,11 +143,12 @@ class LongTailDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def load_image(self, index: int) -> Image.Image:
-        return self.source.load(self.source_indices[index])
+    def load_image(self, index: int, lazy_jpeg: bool = False) -> Image.Image:
+        return self.source.load(self.source_indices[index], lazy_jpeg)
 
     def __getitem__(self, index: int):
-        img = self.load_image(index)
+        # A transform with lazy_jpeg decodes JPEGs itself, at the scale its crop needs.
+        img = self.load_image(index, getattr(self.transform, "lazy_jpeg", False))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]

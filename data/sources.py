@@ -64,15 +64,20 @@ def to_rgb(img: Image.Image, what: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(fp: Any, what: str) -> Image.Image:
+def open_rgb(fp: Any, what: str, lazy_jpeg: bool = False) -> Image.Image:
     """Open an image file or file object as RGB (docs/recipe.md section 5: ``convert('RGB')``,
     high-bit-depth grayscale scaled by ``to_rgb``).
 
     Grayscale, RGBA and palette images are converted. A missing or unreadable image raises an
     error that names ``what`` (the file path or the split and row), not a bare PIL error.
+    ``lazy_jpeg``: an RGB JPEG comes back undecoded, for a crop that decodes only the scale it
+    needs (data/transforms.py, DraftRandomResizedCrop, which names ``what`` on a decode error).
     """
     try:
         img = Image.open(fp)
+        if lazy_jpeg and img.format == "JPEG" and img.mode == "RGB":
+            img.info["what"] = what
+            return img
         img.load()  # decodes and, for a file path, closes the file
         if img.mode == "RGB":
             return img  # skips convert's copy: a third of the decode time at 32x32
@@ -103,20 +108,20 @@ class HFImageSource:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def load(self, row: int) -> Image.Image:
+    def load(self, row: int, lazy_jpeg: bool = False) -> Image.Image:
         value = self.ds[int(row)][self.image_column]
         what = f"row {row} of the {self.split!r} split"
         if isinstance(value, dict):  # datasets Image: {'bytes': ..., 'path': ...}
             if value.get("bytes") is not None:
                 name = f" ({value['path']})" if value.get("path") else ""
-                return open_rgb(io.BytesIO(value["bytes"]), what + name)
+                return open_rgb(io.BytesIO(value["bytes"]), what + name, lazy_jpeg)
             if value.get("path"):
-                return open_rgb(value["path"], f"{value['path']} ({what})")
+                return open_rgb(value["path"], f"{value['path']} ({what})", lazy_jpeg)
             raise DataError(f"cannot read image {what}: neither bytes nor a path stored")
         if isinstance(value, (bytes, bytearray)):
-            return open_rgb(io.BytesIO(value), what)
+            return open_rgb(io.BytesIO(value), what, lazy_jpeg)
         if isinstance(value, str):
-            return open_rgb(value, f"{value} ({what})")
+            return open_rgb(value, f"{value} ({what})", lazy_jpeg)
         if isinstance(value, Image.Image):
             return to_rgb(value, what)
         raise DataError(f"cannot read image {what}: unsupported value of type {type(value).__name__}")
@@ -132,9 +137,9 @@ class FileListSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, row: int) -> Image.Image:
+    def load(self, row: int, lazy_jpeg: bool = False) -> Image.Image:
         path = os.path.join(self.root, self.paths[int(row)])
-        return open_rgb(path, path)
+        return open_rgb(path, path, lazy_jpeg)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import build_datasets, build_train_sampler, build_transform
+from data.transforms import uses_device_feed
 from engine import trackers
 from engine.seeding import SeededDataset, SeededSampler
 from errors import ConfigError, NonFiniteLossError
@@ -109,8 +110,13 @@ def loss_scale_record(accelerator) -> dict:
     return {} if accelerator.scaler is None else {"loss_scale": float(accelerator.scaler.get_scale())}
 
 
-def to_device(batch, device):
-    """Tensors (or nested lists of them, PaCo's two views) onto ``device``."""
+def to_device(batch, device, feed=None):
+    """Tensors (or nested lists of them, PaCo's two views) onto ``device``. With ``feed`` (a
+    ``DeviceFeed``: ``aug.gpu_feed``), an ``(images, targets)`` batch's uint8 images become the
+    normalised, erased float batch there."""
+    if feed is not None:
+        images, targets = batch
+        return [feed(images), targets.to(device, non_blocking=True)]
     if isinstance(batch, (list, tuple)):
         return [to_device(b, device) for b in batch]
     return batch.to(device, non_blocking=True)
@@ -223,6 +229,9 @@ atexit.register(_kill_data_workers)  # after multiprocessing's own handler: so i
 def build_loaders(cfg: dict, accelerator, train_transform=None):
     """Datasets and loaders of a training script (the same for teacher and student).
 
+    With ``aug.gpu_feed`` on (``uses_device_feed``) and no ``train_transform`` of the caller's
+    own (PaCo's two views stay float), the training batches are uint8 for the script's
+    ``DeviceFeed``.
     The train loader is not prepared: its sampler is already rank-aware (repeated
     augmentation), and accelerate must not re-shard it (STYLE.md). The eval loader is
     prepared so ``gather_for_metrics`` can drop the padding duplicates.
@@ -232,7 +241,8 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
     # instead of racing to build the same one (several processes, several nodes).
     with accelerator.main_process_first():
         dataset_train, dataset_val = build_datasets(
-            cfg["data"], train_transform or build_transform(True, cfg["data"], cfg["aug"]),
+            cfg["data"], train_transform or build_transform(
+                True, cfg["data"], cfg["aug"], uint8=uses_device_feed(cfg["aug"], accelerator.device)),
             build_transform(False, cfg["data"], cfg["aug"]), verbose=accelerator.is_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = SeededSampler(build_train_sampler(dataset_train, cfg["aug"], world, rank, tcfg["seed"]),

@@ -57,7 +57,7 @@ def test_specs_have_the_contract_keys():
                                "train_list", "val_list", "groups", "group_thresholds", "group_boundaries", "val_holdout", "num_workers", "input_size"]
     assert set(AUG_SPEC) == {"train_crop", "hflip", "aa", "color_jitter", "train_interpolation", "reprob",
                              "remode", "recount", "normalize", "eval_crop_ratio", "eval_interpolation", "repeated_aug",
-                             "ra_repeats",
+                             "ra_repeats", "gpu_feed",
                              "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "smoothing"}
     cfg = load_config({"data": DATA_SPEC, "aug": AUG_SPEC},
                       ["aug.aa=null", "data.imb_factor=2e-2", "data.path=/x", "aug.train_crop=pad_crop"])
