@@ -33,7 +33,7 @@ from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DistillationLoss
-from losses.drw import drw_weights
+from losses.drw import drw_active, drw_weights
 from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
@@ -255,7 +255,7 @@ def print_schedule(cfg: dict) -> None:
     mixup = aug["mixup"] > 0 or aug["cutmix"] > 0
     for epoch in range(cfg["train"]["epochs"]):
         scheduler.step(epoch)  # what train_one_epoch does at the epoch's first step
-        drw = d["drw_epoch"] is not None and epoch >= d["drw_epoch"]
+        drw = drw_active(epoch, d["drw_epoch"])
         print(json.dumps({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "drw": drw,
                           "mixup": mixup and not (drw and d["no_mixup_drw"])}))
 

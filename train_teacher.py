@@ -30,7 +30,7 @@ from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import ConfigError, run_main
-from losses.drw import drw_weights
+from losses.drw import drw_active, drw_weights
 from losses.ldam import LDAMLoss
 from losses.paco import PaCoLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
@@ -190,7 +190,7 @@ def print_schedule(cfg: dict) -> None:
     o, lcfg = cfg["optim"], cfg["loss"]
     for epoch in range(cfg["train"]["epochs"]):
         line = {"epoch": epoch, "lr": learning_rate(cfg, epoch),
-                "drw": lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]}
+                "drw": drw_active(epoch, lcfg["drw_epoch"])}
         if o["sam"]:
             line["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
         print(json.dumps(line))

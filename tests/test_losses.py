@@ -35,6 +35,23 @@ def test_drw_weights_switch_on_at_drw_epoch():
     assert drw_weights(counts, epoch=500, drw_epoch=None) is None
 
 
+@pytest.mark.parametrize("script", ["train_student", "train_teacher"])
+def test_both_scripts_schedule_drw_with_the_one_predicate(script, monkeypatch, capsys):
+    """--print-schedule asks losses.drw.drw_active, as the loops do through drw_weights: a change
+    of the DRW rule is one edit there (here: DRW on odd epochs only)."""
+    import importlib
+
+    from utils import split_spec
+
+    module = importlib.import_module(script)
+    cfg = split_spec(module.SPEC)[0]
+    cfg["train"]["epochs"] = 4
+    monkeypatch.setattr(module, "drw_active", lambda epoch, drw_epoch: epoch % 2 == 1)
+    module.print_schedule(cfg)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["drw"] for line in lines] == [False, True, False, True]
+
+
 # ----------------------------------------------------------------------------- LDAM
 
 
