@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .benchmarks import BENCHMARKS, DATASETS, benchmark
 from .groups import check_group_config, class_groups, group_rule
 from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
 from .sources import load_source
@@ -28,7 +29,7 @@ from utils import check
 DATA_SPEC = {
     "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
                               "thresholds",
-                ("cifar10_lt", "cifar100_lt", "imagenet_lt", "inat18", "generic")),
+                DATASETS),
     "path": (None, "local copy: a folder datasets.load_dataset reads (e.g. ../shared/data/cifar10-jpeg), "
                    "a save_to_disk folder, or parquet file/folder; null = the hub name", str),
     "hub_name": (None, "hub dataset name; null = uoft-cs/cifar10 or uoft-cs/cifar100 by dataset", str),
@@ -112,9 +113,7 @@ def validate_data_config(d: dict) -> None:
                   + ("; an empty path would read the current folder)" if key == "path" else ")"))
 
 
-CIFAR = ("cifar10_lt", "cifar100_lt")
-# Classes of each named benchmark, known without loading it (benchmarks, schedule previews).
-BENCHMARK_CLASSES = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}
+CIFAR = tuple(name for name, row in BENCHMARKS.items() if row.cifar_subset)
 
 
 class LongTailDataset(torch.utils.data.Dataset):
@@ -206,7 +205,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         rows = picked if order is None else order[picked]
         subset_note = f" after subsetting (imb_type={cfg['imb_type']}, imb_factor={imb})"
     else:
-        if dataset in ("imagenet_lt", "inat18") and imb != 1.0:
+        if dataset in BENCHMARKS and imb != 1.0:  # a named benchmark that is not a CIFAR subset
             _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, "
                  f"every training image used")
         rows = np.arange(len(labels), dtype=np.int64)
@@ -253,7 +252,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
     group_args = (cfg["groups"], cfg["group_thresholds"], cfg["group_boundaries"])
     groups = class_groups(dataset, train_counts, *group_args)
     rule = group_rule(dataset, num_classes, *group_args)  # in words, e.g. "reference ranges [3, 7)"
-    expected = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}.get(dataset)
+    expected = benchmark(dataset).num_classes
     if cfg["groups"] == "reference" and cfg["group_boundaries"] is None and expected not in (None, num_classes):
         _log(f"WARNING: the reference's group ranges assume {expected} classes, this dataset has "
              f"{num_classes}: ranges clipped")
