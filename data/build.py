@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .benchmarks import BENCHMARKS, DATASETS, benchmark
-from .groups import check_group_config, class_groups, group_rule
+from .groups import check_group_config, class_groups, group_rule, is_int
 from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
 from .sources import load_source
 from errors import DataError
@@ -76,14 +76,10 @@ _NAME_KEYS = ("path", "hub_name", "image_column", "label_column", "train_split",
               "root", "train_list", "val_list")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_input_size(value, key: str) -> None:
     """ConfigError naming ``key`` unless ``value`` is a whole number of pixels in
     [1, MAX_INPUT_SIZE]."""
-    check(_is_int(value) and 1 <= value <= MAX_INPUT_SIZE, key,
+    check(is_int(value) and 1 <= value <= MAX_INPUT_SIZE, key,
           f"must be a whole number of pixels in [1, {MAX_INPUT_SIZE}], got {value!r}")
 
 
@@ -100,10 +96,10 @@ def validate_data_config(d: dict) -> None:
         check(0.0 <= float(d["val_holdout"]) < 1.0, "data.val_holdout",
               f"must be in [0, 1), got {d['val_holdout']}")
     if "num_workers" in d:
-        check(_is_int(d["num_workers"]) and d["num_workers"] >= 0, "data.num_workers",
+        check(is_int(d["num_workers"]) and d["num_workers"] >= 0, "data.num_workers",
               f"must be an integer >= 0, got {d['num_workers']!r}")
     if "subset_seed" in d:  # numpy's RandomState takes seeds in [0, 2**32)
-        check(_is_int(d["subset_seed"]) and 0 <= d["subset_seed"] < 2**32, "data.subset_seed",
+        check(is_int(d["subset_seed"]) and 0 <= d["subset_seed"] < 2**32, "data.subset_seed",
               f"must be an integer in [0, 2**32), got {d['subset_seed']!r}")
     for key in _NAME_KEYS:
         value = d.get(key)

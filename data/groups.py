@@ -22,13 +22,14 @@ from .benchmarks import benchmark
 MANY_SHOT, FEW_SHOT = 100, 20
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(value) -> bool:
+    """A whole number as a config value: an int, and not a bool (True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_pair(value, key: str, meaning: str) -> tuple[int, int]:
     """``value`` as two integers, or a ConfigError naming ``key`` and what it must be."""
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value)):
         raise ConfigError(f"{key}: must be {meaning}, got {value!r}")
     return value[0], value[1]
 

@@ -125,3 +125,12 @@ def test_a_benchmark_is_one_row_of_the_registry(generic, monkeypatch):
     assert raw.train.source.image_column == "img" and len(raw.train.labels) == sum(COUNTS)
     with pytest.raises(ConfigError, match="group_thresholds"):  # the row's ranges are the reference rule
         class_groups("toy_lt", [110, 50, 30, 12, 5], thresholds=[100, 20])
+
+
+def test_one_whole_number_check():
+    """data/build.py's range checks and the groups' integer pairs share one ``is_int``."""
+    import data.build
+    from data.groups import is_int
+
+    assert data.build.is_int is is_int
+    assert is_int(3) and not is_int(True) and not is_int(3.0) and not is_int("3")
