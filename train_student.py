@@ -32,7 +32,7 @@ from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
-from losses.distillation import DistillationLoss
+from losses.distillation import DISTILLATION_TYPES, DistillationLoss, check_distillation_settings
 from losses.drw import drw_active, drw_weights
 from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
 from models.ema import ModelEma
@@ -81,7 +81,7 @@ SPEC = {
     },
     "distill": {
         "type": ("hard", "hard: CE on the teacher's argmax; soft: DeiT's KL with tau; none: no "
-                 "teacher, both heads on the labels (baseline)", ("hard", "soft", "none")),
+                 "teacher, both heads on the labels (baseline)", DISTILLATION_TYPES),
         "teacher_ckpt": (None, "teacher checkpoint: ours, the reference LDAM/CE/PaCo files, or with "
                          "distill.teacher_model timm's/torchvision's own state dict", str),
         "teacher_model": (None, "teacher by name (resnet32, resnet50 or any timm CNN) for weights in "
@@ -132,8 +132,7 @@ def validate(cfg: dict) -> None:
 
     validate_run(cfg)
     t, d, m, o, s = cfg["train"], cfg["distill"], cfg["model"], cfg["optim"], cfg["sched"]
-    check(0.0 <= d["alpha"] <= 1.0, "distill.alpha", "must be in [0, 1]")
-    check(d["tau"] > 0, "distill.tau", "must be > 0")
+    check_distillation_settings(d["type"], d["alpha"], d["tau"], ConfigError, prefix="distill.")
     check(0.0 <= d["drw_beta"] < 1.0, "distill.drw_beta",
           f"must be in [0, 1) (class weights (1 - beta) / (1 - beta^n)), got {d['drw_beta']}")
     if d["teacher_input_size"] is not None:

@@ -28,16 +28,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DISTILLATION_TYPES = ("none", "soft", "hard")
+DISTILLATION_TYPES = ("hard", "soft", "none")
 
 
-def check_distillation_settings(distillation_type: str, alpha: float, tau: float) -> None:
+def check_distillation_settings(distillation_type: str, alpha: float, tau: float,
+                                error: type[Exception] = ValueError, prefix: str = "distillation ") -> None:
+    """Raise ``error`` naming the setting (``prefix`` + name) unless the settings are valid: the
+    one definition of the types and ranges, for this loss and ``train_student.validate`` alike."""
     if distillation_type not in DISTILLATION_TYPES:
-        raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
+        raise error(f"{prefix}type: must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+        raise error(f"{prefix}alpha: must be in [0, 1] ((1 - alpha) base + alpha distill), got {alpha!r}")
     if not tau > 0:
-        raise ValueError(f"distillation tau must be > 0, got {tau}")
+        raise error(f"{prefix}tau: must be > 0 (the logits are divided by it), got {tau!r}")
 
 
 def check_class_map(class_map: Sequence[int], num_classes: int | None = None) -> list[int]:
