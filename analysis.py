@@ -51,6 +51,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.student import DistilledStudent
+
+# The student's prefix tokens in sequence order, named as its heads (cls, dist).
+STUDENT_TOKENS = tuple(sorted(DistilledStudent.HEADS, key=DistilledStudent.HEADS.get))
+
 
 # ----------------------------------------------------------------------------- attention
 
@@ -75,7 +80,7 @@ def _token_spread(weights: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
-                         tokens: Sequence[str] = ("cls", "dist")) -> dict[str, torch.Tensor]:
+                         tokens: Sequence[str] = STUDENT_TOKENS) -> dict[str, torch.Tensor]:
     """Per-image, per-head statistics of one block's attention probabilities.
 
     ``attn``: (B, heads, N, N) rows summing to one, tokens ordered [prefix tokens, patches];
@@ -108,9 +113,9 @@ class AttentionRecorder:
     softmax(q k^T * scale) (dropout is off in eval mode). timm's fused attention never forms
     that matrix, so the recorder switches it off while it is open (the explicit path: same
     weights and math, logits equal up to rounding; under autocast, maps of autocast precision)
-    and restores it on exit. Use as a context
-    manager around the evaluation loop; after each forward, ``pop()`` returns
-    ``{name: (B, depth, heads)}`` for that batch (its attention maps are held until then).
+    and restores it on exit. Use as a context manager around the evaluation loop; after each
+    forward, ``pop()`` returns ``{name: (B, depth, heads)}`` for that batch (every block's
+    attention maps are held until then).
     """
 
     def __init__(self, model: nn.Module, tokens: Sequence[str] | None = None) -> None:
@@ -118,7 +123,7 @@ class AttentionRecorder:
         (a plain timm ViT: ``cls``, then ``dist`` if it has two prefix tokens)."""
         self.model = model
         self.grid_size = tuple(model.patch_embed.grid_size)
-        heads = getattr(model, "HEADS", {"cls": 0, "dist": 1})
+        heads = getattr(model, "HEADS", DistilledStudent.HEADS)
         default = sorted(heads, key=heads.get)[:model.num_prefix_tokens]
         self.tokens = list(tokens) if tokens is not None else default
         self.names = [f"blocks.{i}.attn.attn_drop" for i in range(len(model.blocks))]
@@ -148,7 +153,7 @@ class AttentionRecorder:
 
 
 def summarise_attention(per_image: dict[str, torch.Tensor], patch_size: int,
-                        grid_size: tuple[int, int], tokens: Sequence[str] = ("cls", "dist")) -> dict:
+                        grid_size: tuple[int, int], tokens: Sequence[str] = STUDENT_TOKENS) -> dict:
     """Average the gathered (num_images, depth, heads) statistics into nested lists."""
     def mean(name: str) -> list:
         return per_image[name].double().mean(0).tolist()

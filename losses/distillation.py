@@ -28,6 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.student import DistilledStudent
+
+# The student's heads in token order (its head contract): the first learns the labels (base
+# criterion), the second the teacher.
+CLS_HEAD, DIST_HEAD = sorted(DistilledStudent.HEADS, key=DistilledStudent.HEADS.get)
+
 DISTILLATION_TYPES = ("hard", "soft", "none")
 
 
@@ -198,7 +204,7 @@ class DistillationLoss(nn.Module):
         """``outputs``: the student's heads by name (``DistilledStudent.forward``)."""
         teacher_logits = None if self.distillation_type == "none" else self.teacher_logits(inputs)
         loss, base_term, distill_term = distillation_terms(
-            outputs["cls"], outputs["dist"], teacher_logits, targets, self.base_criterion,
+            outputs[CLS_HEAD], outputs[DIST_HEAD], teacher_logits, targets, self.base_criterion,
             self.distillation_type, self.alpha, self.tau, class_weights=class_weights,
             class_map=self.class_map)
         terms = {"base": base_term, "distill": distill_term}
