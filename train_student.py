@@ -277,11 +277,11 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
-               class_weights=None, clip_grad=None, model_ema=None, ema_decays: int = 1,
+               class_weights=None, clip_grad=None, model_ema=None, ema_updates: int = 1,
                accum_steps: int | None = None) -> dict[str, torch.Tensor]:
     """One optimiser update of the student over ``window``, a list of ``(images, labels)``
-    micro-batches (gradient accumulation), and ``ema_decays`` EMA updates (the reference's
-    once-per-micro-batch cadence: ``ema_decays - 1`` towards the weights before the optimiser
+    micro-batches (gradient accumulation), and ``ema_updates`` EMA updates (the reference's
+    once-per-micro-batch cadence: ``ema_updates - 1`` towards the weights before the optimiser
     step, as its EMA sees them at the window's earlier micro-batches, one towards the new ones).
 
     Per micro-batch: mixup/cutmix on the device, the student's heads, ``criterion`` (the
@@ -311,10 +311,10 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
             sums[name] = sums.get(name, 0.0) + value.detach() / len(window)
     if clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-    if model_ema is not None and ema_decays > 1:
+    if model_ema is not None and ema_updates > 1:
         # The reference updates its EMA after every micro-batch: the first n - 1 of a window
         # still see the weights before the update (docs/recipe.md section 11, item 4).
-        model_ema.update(unwrap(model), micro_batches=ema_decays - 1)
+        model_ema.update(unwrap(model), micro_batches=ema_updates - 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sums.update(loop.skipped_term(accelerator, optimizer))
@@ -354,7 +354,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
                            class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
-                           model_ema=model_ema, ema_decays=ema_updates(len(window)),
+                           model_ema=model_ema, ema_updates=ema_updates(len(window)),
                            accum_steps=accum)
         if monitor.after_step(step, terms, lr=optimizer.param_groups[0]["lr"]):
             return None
