@@ -169,3 +169,11 @@ def test_loss_and_analyses_read_the_head_names_from_heads():
     ce = torch.nn.functional.cross_entropy
     expected = f"('gt', 'kd') {(ce(a, y) * 0.75).item()!r} {(ce(b, y) * 0.25).item()!r}"
     assert proc.stdout.strip() == expected
+
+
+def test_no_python_file_cites_a_style_guide_missing_from_the_repository():
+    """Comments say their reason themselves: the house style guide is not in the repository."""
+    name = "STYLE" + ".md"
+    files = [p for p in ROOT.rglob("*.py") if not {".git", ".venv", "tests"} & set(p.relative_to(ROOT).parts)]
+    assert not (ROOT / name).exists()
+    assert [str(p.relative_to(ROOT)) for p in files if name in p.read_text()] == []
