@@ -55,10 +55,8 @@ SPEC = {
         "drop_path": (0.1, "stochastic depth rate, linear from 0 over the blocks (DeiT)"),
         "fused_attn": (True, "use fused scaled-dot-product attention (same numbers, faster)"),
         "compile": (False, "torch.compile the student (see bench/train_step.py for when it helps)"),
-        "init_ckpt": (None, "start from these weights (DeiT's --finetune): a project or reference "
-                      "student (.pth / .safetensors) or a timm/DeiT ViT checkpoint; pos_embed is "
-                      "resampled to the patch grid, the heads are reset when the class count "
-                      "differs; the report is printed and saved as init.json", str),
+        "init_ckpt": (None, "start from these weights (DeiT's --finetune): a student or timm/DeiT ViT "
+                      "file, fitted to this model (report: init.json)", str),
         "init_heads": ("auto", "model.init_ckpt heads: 'auto': reset when the class count differs; "
                        "'reset': always (same count, other classes); 'keep': refuse a mismatch",
                        ("auto", "reset", "keep")),
@@ -84,15 +82,12 @@ SPEC = {
                  "teacher, both heads on the labels (baseline)", DISTILLATION_TYPES),
         "teacher_ckpt": (None, "teacher checkpoint: ours, the reference LDAM/CE/PaCo files, or with "
                          "distill.teacher_model timm's/torchvision's own state dict", str),
-        "teacher_model": (None, "teacher by name (resnet32, resnet50 or any timm CNN) for weights in "
-                          "timm's/torchvision's own format or distill.teacher_pretrained; null: the "
-                          "checkpoint says", str),
+        "teacher_model": (None, "teacher by name (resnet32, resnet50, any timm CNN) for timm/torchvision "
+                          "weights or teacher_pretrained; null: the checkpoint says", str),
         "teacher_pretrained": (False, "distill.teacher_model with timm's pretrained weights (needs "
                                "the network or timm's cache; its head must predict these classes)"),
-        "teacher_normalize": ("student", "the teacher's input: 'student': the student's normalised "
-                              "batch as is (the reference); 'teacher': re-normalised to the "
-                              "teacher's own mean/std (stored, or timm's pretrained_cfg); "
-                              "'imagenet' / 'cifar': to those statistics",
+        "teacher_normalize": ("student", "the teacher's input: the student's batch as is (the reference), "
+                              "or re-normalised to the teacher's own or the named mean/std",
                               ("student", "teacher", "imagenet", "cifar")),
         "teacher_input_size": (None, "resize the student's batch to this for the teacher "
                                "(bicubic, antialias=False); null: the teacher's own size", int),
@@ -107,17 +102,15 @@ SPEC = {
                          "(the CIFAR recipe)"),
         "weighted_cls": (False, "in the no-mixup DRW phase also weight the CLS CE by the class "
                          "weights (off in the reference)"),
-        "map_targets": ("auto", "teacher label order: 'auto' decides from the checkpoints and says "
-                        "so; 'yes': teacher predicts original labels, map them through the class "
-                        "map; 'no': teacher already uses the student's order", ("auto", "yes", "no")),
+        "map_targets": ("auto", "map the teacher's labels through the data's class map: 'auto' decides "
+                        "from the checkpoints and says so", ("auto", "yes", "no")),
     },
     "train": {
         **with_defaults(RUN_SPEC, epochs=1200, output_dir="output/student"),
         "model_ema": (True, "keep an EMA of the weights (models/ema.py), saved in checkpoints"),
         "model_ema_decay": (0.99996, "EMA decay"),
-        "model_ema_cadence": ("micro_batch", "'micro_batch': one update per micro-batch of the "
-                              "recipe's layout, as the reference (all but the last towards the "
-                              "weights before the optimiser step); 'step': one per optimiser step",
+        "model_ema_cadence": ("micro_batch", "EMA updates: one per micro-batch of the recipe's layout "
+                              "(the reference) or one per optimiser step",
                               ("micro_batch", "step")),
         "eval_ema": (False, "also evaluate the EMA weights every epoch"),
     },

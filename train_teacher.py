@@ -54,9 +54,8 @@ SPEC = {
         "head": ("normed", "'normed': cosine NormedLinear head (LDAM); 'linear': plain linear",
                  ("normed", "linear")),
         "channels_last": (True, "channels-last memory format (faster convolutions)"),
-        "init_ckpt": (None, "start from these weights: any teacher checkpoint, or a timm / "
-                      "torchvision state dict of model.arch; the classifier is reset when the class "
-                      "count or head type differs; the report is printed and saved as init.json", str),
+        "init_ckpt": (None, "start from these weights: a teacher checkpoint or a timm/torchvision state "
+                      "dict of model.arch, fitted to this model (report: init.json)", str),
         "compile": (False, "torch.compile the model"),
     },
     "loss": {
@@ -85,9 +84,8 @@ SPEC = {
         "rho_schedule": (None, "per-epoch rho as [[start_epoch, rho], ...] (ImageNet recipe: "
                          "[[0, 0.05], [5, 0.1], [60, 0.5]]); overrides rho", list),
         "adaptive": (False, "adaptive SAM (ASAM): perturbation scaled by |w|"),
-        "sam_bn": ("both", "BatchNorm running statistics with SAM: 'both': updated in both passes "
-                   "(the published Saddle-LongTail teachers); 'first_pass': only in the first, at the "
-                   "real weights", ("both", "first_pass")),
+        "sam_bn": ("both", "SAM's BatchNorm statistics: updated in both passes (the published teachers) "
+                   "or in the first only, at the real weights", ("both", "first_pass")),
         "clip_grad": (None, "clip the gradient norm to this value (null: none)", float),
     },
     "sched": {

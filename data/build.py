@@ -41,21 +41,18 @@ DATA_SPEC = {
     "imb_factor": (0.01, "n_min / n_max as the reference's --imb_factor, in (0, 1]; 1.0 = keep every "
                          "image; only for CIFAR-style subsetting (cifar*_lt, generic)", float),
     "subset_seed": (0, "numpy seed of the subset (the reference: 0)"),
-    "source_order": ("auto", "CIFAR row order before subsetting: 'auto' restores the original pickle "
-                             "order of the hub copy (docs/recipe.md section 5), 'original' insists on it, "
-                             "'as_is' uses the rows as stored", ("auto", "original", "as_is")),
+    "source_order": ("auto", "CIFAR row order before subsetting: the original pickle order ('auto' "
+                             "restores it, 'original' insists on it) or the rows as stored",
+                     ("auto", "original", "as_is")),
     "root": (None, "image root the split files' paths are relative to", str),
     "train_list": (None, "ImageNet-LT / iNat training split file ('relative/path label' lines)", str),
     "val_list": (None, "ImageNet-LT / iNat evaluation split file", str),
     "groups": ("reference", "head/mid/tail: the reference's class-index ranges or the count rule "
                             "(many > 100, few < 20 training images)", ("reference", "count")),
-    "group_thresholds": (None, "[many, few] of the count rule: head = classes with more than many "
-                               "training images, tail = fewer than few; null = [100, 20] (the "
-                               "literature's); used with groups=count, or generic without "
-                               "group_boundaries", list),
-    "group_boundaries": (None, "[c0, c1] class indices on the frequency-sorted classes for "
-                               "groups=reference: head [0, c0), mid [c0, c1), tail [c1, C); null = "
-                               "the benchmark's reference ranges (generic has none: count rule)", list),
+    "group_thresholds": (None, "[many, few] of the count rule: head > many, tail < few training "
+                               "images; null = [100, 20]", list),
+    "group_boundaries": (None, "[c0, c1] of groups=reference: head [0, c0), mid [c0, c1), tail [c1, C) "
+                               "of the sorted classes; null = the benchmark's", list),
     "val_holdout": (0.0, "fraction of each class's LT training images held out as the validation split; "
                          "0 = evaluate on val_split like the reference", float),
     "num_workers": (2, "DataLoader worker processes"),

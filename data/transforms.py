@@ -22,8 +22,7 @@ from errors import DataError
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 AUG_SPEC = {
-    "train_crop": ("rrc", "training crop: 'rrc' = RandomResizedCrop(scale 0.08-1) as timm create_transform "
-                          "(the reference, 32x32 CIFAR upsampled to input_size); 'pad_crop' = "
+    "train_crop": ("rrc", "training crop: RandomResizedCrop(0.08-1) as timm (the reference), or "
                           "RandomCrop(input_size, padding 4) for native-resolution CIFAR",
                    ("rrc", "pad_crop")),
     "hflip": (0.5, "horizontal flip probability"),

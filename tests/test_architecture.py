@@ -177,3 +177,16 @@ def test_no_python_file_cites_a_style_guide_missing_from_the_repository():
     files = [p for p in ROOT.rglob("*.py") if not {".git", ".venv", "tests"} & set(p.relative_to(ROOT).parts)]
     assert not (ROOT / name).exists()
     assert [str(p.relative_to(ROOT)) for p in files if name in p.read_text()] == []
+
+
+def test_help_strings_fit_two_lines():
+    """A config key's help says what it does and why in a line or two (at most 200 characters);
+    provenance belongs in docs/recipe.md."""
+    import evaluate
+    import train_student
+    import train_teacher
+    from utils import split_spec
+
+    long = {f"{mod.__name__}: {key}": len(text) for mod in (train_student, train_teacher, evaluate)
+            for key, text in split_spec(mod.SPEC)[1].items() if len(text) > 200}
+    assert long == {}
