@@ -464,19 +464,20 @@ def main(cfg: dict) -> dict:
     accelerator.print(f"student {arch} ({n_params / 1e6:.2f}M parameters)")
 
     # ------------------------------------------------------------------ teacher and loss
-    t = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator, teacher_file)
+    teacher_setup = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator, teacher_file)
     mixup_fn = build_mixup(cfg, num_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
-                                 t["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
-                                 teacher_input_size=t["input_size"], class_map=t["class_map"],
-                                 renormalize=t["renormalize"]).to(accelerator.device)
+                                 teacher_setup["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
+                                 teacher_input_size=teacher_setup["input_size"],
+                                 class_map=teacher_setup["class_map"],
+                                 renormalize=teacher_setup["renormalize"]).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
-    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
+    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
 
     def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
         extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
                                                           **extra}, model_ema)
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
@@ -498,9 +499,9 @@ def main(cfg: dict) -> dict:
                                                     cfg["log"]["progress"])
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
             accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line({k: metrics[k] for k in heads})}")
-        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
                              lambda mets: checkpoint(epoch, mets), key=heads[-1])
-        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
         trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
         return metrics
 
@@ -508,10 +509,10 @@ def main(cfg: dict) -> dict:
     trackers.start(accelerator, cfg, run_name=out.name)
     preemption = run_folder.Preemption()
     heads = output_names(model)
-    metrics = progress.get("last_metrics")
-    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(progress.pop("pending"))
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
+    metrics = run_state.get("last_metrics")
+    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(run_state.pop("pending"))
+    for epoch in range(run_state["epoch"], tcfg["epochs"]):
         start = time.time()
         class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
         drw = class_weights is not None
@@ -527,7 +528,7 @@ def main(cfg: dict) -> dict:
         stats = train_one_epoch(
             model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
             lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
-            model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
+            model_ema=model_ema, start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
             preemption=preemption, save_fn=save_state)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
@@ -537,13 +538,13 @@ def main(cfg: dict) -> dict:
                   **{f"train_{k}": v for k, v in stats.items()}}
         save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
-    accelerator.print(f"done: best {heads[-1]} top-1 {progress['best']} (chosen on the evaluation split: "
+    accelerator.print(f"done: best {heads[-1]} top-1 {run_state['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
     run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()
-    return {"metrics": metrics, "best": progress["best"]}
+    return {"metrics": metrics, "best": run_state["best"]}
 
 
 if __name__ == "__main__":

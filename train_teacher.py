@@ -355,11 +355,11 @@ def main(cfg: dict) -> dict:
                       f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
 
     # ------------------------------------------------------------------ resume
-    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
+    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
 
     def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
         extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
                                                           **extra})
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
@@ -375,19 +375,19 @@ def main(cfg: dict) -> dict:
                                             dataset_train.groups, dataset_train.num_classes,
                                             cfg["log"]["progress"])
             accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
-        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
                              lambda mets: checkpoint(epoch, mets), key="logits")
-        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
         trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
         return metrics
 
     # ------------------------------------------------------------------ train
     trackers.start(accelerator, cfg, run_name=out.name)
     preemption = run_folder.Preemption()
-    metrics = progress.get("last_metrics")
-    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(progress.pop("pending"))
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
+    metrics = run_state.get("last_metrics")
+    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(run_state.pop("pending"))
+    for epoch in range(run_state["epoch"], tcfg["epochs"]):
         start = time.time()
         weight = drw_weights(counts, epoch, lcfg["drw_epoch"], lcfg["drw_beta"])  # None before DRW
         drw = weight is not None
@@ -400,7 +400,7 @@ def main(cfg: dict) -> dict:
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator,
                                 epoch=epoch, cfg=cfg,
-                                start_step=progress["step"] if epoch == progress["epoch"] else 0,
+                                start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
                                 preemption=preemption, save_fn=save_state)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
@@ -410,12 +410,12 @@ def main(cfg: dict) -> dict:
                   **{f"train_{k}": v for k, v in stats.items()}}
         save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
-    accelerator.print(f"done: best top-1 {progress['best']}")
+    accelerator.print(f"done: best top-1 {run_state['best']}")
     run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()
-    return {"metrics": metrics, "best": progress["best"]}
+    return {"metrics": metrics, "best": run_state["best"]}
 
 
 if __name__ == "__main__":
