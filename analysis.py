@@ -26,10 +26,8 @@ tensors so it can be tested on constructed inputs with known answers:
    - ``cls`` / ``dist`` -> ``entropy``: ``-sum_k w_k log w_k / log(num_patches)`` (0: one
      patch, 1: uniform over all patches).
 
-   Attention weights are not exposed by timm's fused scaled-dot-product path, so forward
-   pre-hooks on ``blocks[i].attn`` take the block's normalised input and recompute
-   ``softmax(q k^T * scale)`` with the block's own ``qkv``, ``q_norm`` and ``k_norm``, in
-   float32 (exactly timm's non-fused path, which the tests check).
+   The attention weights are read with timm's ``AttentionExtract`` on timm's explicit
+   (non-fused) attention path, which the recorder switches on while it runs.
 
 2. **Feature rank** (``feature_rank``). The pre-head CLS and DIST features over the test
    set, centred (the mean feature subtracted); from their singular values s_i: the energy
@@ -52,6 +50,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.student import DistilledStudent
+
+# The student's prefix tokens in sequence order, named as its heads (cls, dist).
+STUDENT_TOKENS = tuple(sorted(DistilledStudent.HEADS, key=DistilledStudent.HEADS.get))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -77,7 +80,7 @@ def _token_spread(weights: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
-                         tokens: Sequence[str] = ("cls", "dist")) -> dict[str, torch.Tensor]:
+                         tokens: Sequence[str] = STUDENT_TOKENS) -> dict[str, torch.Tensor]:
     """Per-image, per-head statistics of one block's attention probabilities.
 
     ``attn``: (B, heads, N, N) rows summing to one, tokens ordered [prefix tokens, patches];
@@ -103,25 +106,16 @@ def attention_statistics(attn: torch.Tensor, grid_size: tuple[int, int],
     return stats
 
 
-def attention_probabilities(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Recompute timm ``Attention``'s softmax(q k^T * scale) from its input, in float32."""
-    B, N, _ = x.shape
-    heads, head_dim = attn_module.num_heads, attn_module.qkv.out_features // (3 * attn_module.num_heads)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        weight = attn_module.qkv.weight.float()
-        bias = attn_module.qkv.bias.float() if attn_module.qkv.bias is not None else None
-        qkv = F.linear(x.float(), weight, bias).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
-        q, k = attn_module.q_norm(q), attn_module.k_norm(k)
-        return ((q * attn_module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
 class AttentionRecorder:
     """Record ``attention_statistics`` of every block of a ViT during its forward passes.
 
-    Use as a context manager around the evaluation loop; after each forward, ``pop()``
-    returns ``{name: (B, depth, heads)}`` for that batch. Nothing is kept across batches,
-    so memory stays at one block's attention matrix.
+    timm's ``AttentionExtract`` (hook method) reads each block's ``attn_drop`` output, i.e.
+    softmax(q k^T * scale) (dropout is off in eval mode). timm's fused attention never forms
+    that matrix, so the recorder switches it off while it is open (the explicit path: same
+    weights and math, logits equal up to rounding; under autocast, maps of autocast precision)
+    and restores it on exit. Use as a context manager around the evaluation loop; after each
+    forward, ``pop()`` returns ``{name: (B, depth, heads)}`` for that batch (every block's
+    attention maps are held until then).
     """
 
     def __init__(self, model: nn.Module, tokens: Sequence[str] | None = None) -> None:
@@ -129,41 +123,37 @@ class AttentionRecorder:
         (a plain timm ViT: ``cls``, then ``dist`` if it has two prefix tokens)."""
         self.model = model
         self.grid_size = tuple(model.patch_embed.grid_size)
-        default = list(getattr(model, "HEADS", ("cls", "dist")))[:model.num_prefix_tokens]
+        heads = getattr(model, "HEADS", DistilledStudent.HEADS)
+        default = sorted(heads, key=heads.get)[:model.num_prefix_tokens]
         self.tokens = list(tokens) if tokens is not None else default
-        self.handles: list = []
-        self.per_block: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _hook(self, index: int):
-        def hook(module, args, kwargs):
-            if kwargs.get("attn_mask") is not None:
-                raise NotImplementedError("attention distance with an attention mask is not supported")
-            probs = attention_probabilities(module, args[0])
-            self.per_block[index] = attention_statistics(probs, self.grid_size, self.tokens)
-        return hook
+        self.names = [f"blocks.{i}.attn.attn_drop" for i in range(len(model.blocks))]
+        self.extract = None
 
     def __enter__(self) -> "AttentionRecorder":
-        for index, block in enumerate(self.model.blocks):
-            self.handles.append(block.attn.register_forward_pre_hook(self._hook(index), with_kwargs=True))
+        from timm.utils import AttentionExtract
+
+        self.fused = [block.attn.fused_attn for block in self.model.blocks]
+        for block in self.model.blocks:
+            block.attn.fused_attn = False
+        self.extract = AttentionExtract(self.model, names=self.names, method="hook")
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
+        for handle in self.extract.hooks._handles:  # FeatureHooks has no public removal
             handle.remove()
-        self.handles.clear()
+        for block, fused in zip(self.model.blocks, self.fused):
+            block.attn.fused_attn = fused
 
     def pop(self) -> dict[str, torch.Tensor]:
-        depth = len(self.model.blocks)
-        if sorted(self.per_block) != list(range(depth)):
+        maps = self.extract.hooks.get_output(next(self.model.parameters()).device)  # and clears them
+        if list(maps) != self.names:
             raise RuntimeError("attention hooks did not see every block in the last forward pass")
-        names = self.per_block[0].keys()
-        out = {name: torch.stack([self.per_block[i][name] for i in range(depth)], dim=1) for name in names}
-        self.per_block = {}
-        return out
+        per_block = [attention_statistics(attn, self.grid_size, self.tokens) for attn in maps.values()]
+        return {name: torch.stack([stats[name] for stats in per_block], dim=1) for name in per_block[0]}
 
 
 def summarise_attention(per_image: dict[str, torch.Tensor], patch_size: int,
-                        grid_size: tuple[int, int], tokens: Sequence[str] = ("cls", "dist")) -> dict:
+                        grid_size: tuple[int, int], tokens: Sequence[str] = STUDENT_TOKENS) -> dict:
     """Average the gathered (num_images, depth, heads) statistics into nested lists."""
     def mean(name: str) -> list:
         return per_image[name].double().mean(0).tolist()

@@ -70,9 +70,8 @@ EVAL_SPEC = {
                           "checks; the numbers are then not the benchmark's)", int),
     "teacher_input_size": (None, "input size of --teacher; null = its stored data.input_size, else 32 "
                                  "for resnet32 and 224 otherwise", int),
-    "allow_class_mismatch": (False, "evaluate even when the checkpoint's stored class names differ "
-                                    "from the data's (a model trained on other classes: its numbers "
-                                    "then mean little); false: refuse, naming a few differing names"),
+    "allow_class_mismatch": (False, "evaluate even when the checkpoint's class names differ from the "
+                                    "data's (its numbers then mean little); false: refuse"),
 }
 SPEC = {"data": DATA_SPEC, "aug": AUG_SPEC, "eval": EVAL_SPEC}
 

@@ -33,8 +33,8 @@ from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
-from losses.distillation import DistillationLoss
-from losses.drw import drw_weights
+from losses.distillation import DISTILLATION_TYPES, DistillationLoss, check_distillation_settings
+from losses.drw import drw_active, drw_weights
 from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
 from models.hub import is_hub_source, resolve_folder
 from models.ema import ModelEma
@@ -57,11 +57,8 @@ SPEC = {
         "drop_path": (0.1, "stochastic depth rate, linear from 0 over the blocks (DeiT)"),
         "fused_attn": (True, "use fused scaled-dot-product attention (same numbers, faster)"),
         "compile": (False, "torch.compile the student (see bench/train_step.py for when it helps)"),
-        "init_ckpt": (None, "start from these weights (DeiT's --finetune): a project or reference "
-                      "student (.pth / .safetensors, hf-hub:user/name, local-dir:DIR) or a timm/DeiT ViT "
-                      "checkpoint; pos_embed is "
-                      "resampled to the patch grid, the heads are reset when the class count "
-                      "differs; the report is printed and saved as init.json", str),
+        "init_ckpt": (None, "start from these weights (DeiT's --finetune): a student or timm/DeiT ViT "
+                      "file or hf-hub:user/name / local-dir:DIR, fitted to this model (report: init.json)", str),
         "init_heads": ("auto", "model.init_ckpt heads: 'auto': reset when the class count differs; "
                        "'reset': always (same count, other classes); 'keep': refuse a mismatch",
                        ("auto", "reset", "keep")),
@@ -84,19 +81,15 @@ SPEC = {
     },
     "distill": {
         "type": ("hard", "hard: CE on the teacher's argmax; soft: DeiT's KL with tau; none: no "
-                 "teacher, both heads on the labels (baseline)", ("hard", "soft", "none")),
+                 "teacher, both heads on the labels (baseline)", DISTILLATION_TYPES),
         "teacher_ckpt": (None, "teacher checkpoint: ours, the reference LDAM/CE/PaCo files, or with "
-                         "distill.teacher_model timm's/torchvision's own state dict; or a model in timm's "
-                         "hub layout: hf-hub:user/name, local-dir:DIR (evaluate.py --export)", str),
-        "teacher_model": (None, "teacher by name (resnet32, resnet50 or any timm CNN) for weights in "
-                          "timm's/torchvision's own format or distill.teacher_pretrained; null: the "
-                          "checkpoint says", str),
+                         "distill.teacher_model timm's/torchvision's state dict; or hf-hub:user/name, local-dir:DIR", str),
+        "teacher_model": (None, "teacher by name (resnet32, resnet50, any timm CNN) for timm/torchvision "
+                          "weights or teacher_pretrained; null: the checkpoint says", str),
         "teacher_pretrained": (False, "distill.teacher_model with timm's pretrained weights (needs "
                                "the network or timm's cache; its head must predict these classes)"),
-        "teacher_normalize": ("student", "the teacher's input: 'student': the student's normalised "
-                              "batch as is (the reference); 'teacher': re-normalised to the "
-                              "teacher's own mean/std (stored, or timm's pretrained_cfg); "
-                              "'imagenet' / 'cifar': to those statistics",
+        "teacher_normalize": ("student", "the teacher's input: the student's batch as is (the reference), "
+                              "or re-normalised to the teacher's own or the named mean/std",
                               ("student", "teacher", "imagenet", "cifar")),
         "teacher_input_size": (None, "resize the student's batch to this for the teacher "
                                "(bicubic, antialias=False); null: the teacher's own size", int),
@@ -111,17 +104,15 @@ SPEC = {
                          "(the CIFAR recipe)"),
         "weighted_cls": (False, "in the no-mixup DRW phase also weight the CLS CE by the class "
                          "weights (off in the reference)"),
-        "map_targets": ("auto", "teacher label order: 'auto' decides from the checkpoints and says "
-                        "so; 'yes': teacher predicts original labels, map them through the class "
-                        "map; 'no': teacher already uses the student's order", ("auto", "yes", "no")),
+        "map_targets": ("auto", "map the teacher's labels through the data's class map: 'auto' decides "
+                        "from the checkpoints and says so", ("auto", "yes", "no")),
     },
     "train": {
         **with_defaults(RUN_SPEC, epochs=1200, output_dir="output/student"),
         "model_ema": (True, "keep an EMA of the weights (models/ema.py), saved in checkpoints"),
         "model_ema_decay": (0.99996, "EMA decay"),
-        "model_ema_cadence": ("micro_batch", "'micro_batch': one update per micro-batch of the "
-                              "recipe's layout, as the reference (all but the last towards the "
-                              "weights before the optimiser step); 'step': one per optimiser step",
+        "model_ema_cadence": ("micro_batch", "EMA updates: one per micro-batch of the recipe's layout "
+                              "(the reference) or one per optimiser step",
                               ("micro_batch", "step")),
         "eval_ema": (False, "also evaluate the EMA weights every epoch"),
     },
@@ -136,8 +127,7 @@ def validate(cfg: dict) -> None:
 
     validate_run(cfg)
     t, d, m, o, s = cfg["train"], cfg["distill"], cfg["model"], cfg["optim"], cfg["sched"]
-    check(0.0 <= d["alpha"] <= 1.0, "distill.alpha", "must be in [0, 1]")
-    check(d["tau"] > 0, "distill.tau", "must be > 0")
+    check_distillation_settings(d["type"], d["alpha"], d["tau"], ConfigError, prefix="distill.")
     check(0.0 <= d["drw_beta"] < 1.0, "distill.drw_beta",
           f"must be in [0, 1) (class weights (1 - beta) / (1 - beta^n)), got {d['drw_beta']}")
     if d["teacher_input_size"] is not None:
@@ -262,7 +252,7 @@ def print_schedule(cfg: dict) -> None:
     mixup = aug["mixup"] > 0 or aug["cutmix"] > 0
     for epoch in range(cfg["train"]["epochs"]):
         scheduler.step(epoch)  # what train_one_epoch does at the epoch's first step
-        drw = d["drw_epoch"] is not None and epoch >= d["drw_epoch"]
+        drw = drw_active(epoch, d["drw_epoch"])
         print(json.dumps({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "drw": drw,
                           "mixup": mixup and not (drw and d["no_mixup_drw"])}))
 
@@ -285,12 +275,12 @@ def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | Non
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
-               class_weights=None, clip_grad=None, model_ema=None, ema_decays: int = 1,
+               class_weights=None, clip_grad=None, model_ema=None, ema_updates: int = 1,
                accum_steps: int | None = None, feed=None) -> dict[str, torch.Tensor]:
     """One optimiser update of the student over ``window``, a list of ``(images, labels)``
     micro-batches (gradient accumulation; uint8 images that ``feed`` normalises and erases on
-    the device with ``aug.gpu_feed``), and ``ema_decays`` EMA updates (the reference's
-    once-per-micro-batch cadence: ``ema_decays - 1`` towards the weights before the optimiser
+    the device with ``aug.gpu_feed``), and ``ema_updates`` EMA updates (the reference's
+    once-per-micro-batch cadence: ``ema_updates - 1`` towards the weights before the optimiser
     step, as its EMA sees them at the window's earlier micro-batches, one towards the new ones).
 
     Per micro-batch: mixup/cutmix on the device, the student's heads, ``criterion`` (the
@@ -319,10 +309,10 @@ def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=Non
             sums[name] = sums.get(name, 0.0) + value.detach() / len(window)
     if clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-    if model_ema is not None and ema_decays > 1:
+    if model_ema is not None and ema_updates > 1:
         # The reference updates its EMA after every micro-batch: the first n - 1 of a window
         # still see the weights before the update (docs/recipe.md section 11, item 4).
-        model_ema.update(unwrap(model), micro_batches=ema_decays - 1)
+        model_ema.update(unwrap(model), micro_batches=ema_updates - 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sums.update(loop.skipped_term(accelerator, optimizer))
@@ -362,7 +352,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         terms = train_step(model, criterion, window, optimizer, accelerator, mixup_fn=mixup_fn,
                            class_weights=class_weights, clip_grad=cfg["optim"]["clip_grad"],
-                           model_ema=model_ema, ema_decays=ema_updates(len(window)),
+                           model_ema=model_ema, ema_updates=ema_updates(len(window)),
                            accum_steps=accum, feed=feed)
         if monitor.after_step(step, terms, lr=optimizer.param_groups[0]["lr"]):
             return None
@@ -480,19 +470,20 @@ def main(cfg: dict) -> dict:
     accelerator.print(f"student {arch} ({n_params / 1e6:.2f}M parameters)")
 
     # ------------------------------------------------------------------ teacher and loss
-    t = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator, teacher_file)
+    teacher_setup = load_distillation_teacher(cfg, dataset_train, arch["img_size"], accelerator, teacher_file)
     mixup_fn = build_mixup(cfg, num_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None),
-                                 t["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
-                                 teacher_input_size=t["input_size"], class_map=t["class_map"],
-                                 renormalize=t["renormalize"]).to(accelerator.device)
+                                 teacher_setup["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
+                                 teacher_input_size=teacher_setup["input_size"],
+                                 class_map=teacher_setup["class_map"],
+                                 renormalize=teacher_setup["renormalize"]).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
-    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
+    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
 
     def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
         extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
                                                           **extra}, model_ema)
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
@@ -514,9 +505,9 @@ def main(cfg: dict) -> dict:
                                                     cfg["log"]["progress"])
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
             accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line({k: metrics[k] for k in heads})}")
-        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
                              lambda mets: checkpoint(epoch, mets), key=heads[-1])
-        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
         trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
         return metrics
 
@@ -524,10 +515,10 @@ def main(cfg: dict) -> dict:
     trackers.start(accelerator, cfg, run_name=out.name)
     preemption = run_folder.Preemption()
     heads = output_names(model)
-    metrics = progress.get("last_metrics")
-    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(progress.pop("pending"))
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
+    metrics = run_state.get("last_metrics")
+    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(run_state.pop("pending"))
+    for epoch in range(run_state["epoch"], tcfg["epochs"]):
         start = time.time()
         class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
         drw = class_weights is not None
@@ -543,7 +534,7 @@ def main(cfg: dict) -> dict:
         stats = train_one_epoch(
             model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
             lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
-            model_ema=model_ema, start_step=progress["step"] if epoch == progress["epoch"] else 0,
+            model_ema=model_ema, start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
             preemption=preemption, save_fn=save_state, feed=feed)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
@@ -553,13 +544,13 @@ def main(cfg: dict) -> dict:
                   **{f"train_{k}": v for k, v in stats.items()}}
         save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
-    accelerator.print(f"done: best {heads[-1]} top-1 {progress['best']} (chosen on the evaluation split: "
+    accelerator.print(f"done: best {heads[-1]} top-1 {run_state['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
     run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()
-    return {"metrics": metrics, "best": progress["best"]}
+    return {"metrics": metrics, "best": run_state["best"]}
 
 
 if __name__ == "__main__":

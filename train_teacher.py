@@ -30,7 +30,7 @@ from engine.device import build_accelerator
 from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
 from engine.seeding import seed_everything, step_seed
 from errors import ConfigError, run_main
-from losses.drw import drw_weights
+from losses.drw import drw_active, drw_weights
 from losses.ldam import LDAMLoss
 from losses.paco import PaCoLoss
 from losses.sam import SAM, disable_running_stats, enable_running_stats, rho_for_epoch
@@ -55,9 +55,8 @@ SPEC = {
         "head": ("normed", "'normed': cosine NormedLinear head (LDAM); 'linear': plain linear",
                  ("normed", "linear")),
         "channels_last": (True, "channels-last memory format (faster convolutions)"),
-        "init_ckpt": (None, "start from these weights: any teacher checkpoint, or a timm / "
-                      "torchvision state dict of model.arch; the classifier is reset when the class "
-                      "count or head type differs; the report is printed and saved as init.json", str),
+        "init_ckpt": (None, "start from these weights: a teacher checkpoint or a timm/torchvision state "
+                      "dict of model.arch, fitted to this model (report: init.json)", str),
         "compile": (False, "torch.compile the model"),
     },
     "loss": {
@@ -86,9 +85,8 @@ SPEC = {
         "rho_schedule": (None, "per-epoch rho as [[start_epoch, rho], ...] (ImageNet recipe: "
                          "[[0, 0.05], [5, 0.1], [60, 0.5]]); overrides rho", list),
         "adaptive": (False, "adaptive SAM (ASAM): perturbation scaled by |w|"),
-        "sam_bn": ("both", "BatchNorm running statistics with SAM: 'both': updated in both passes "
-                   "(the published Saddle-LongTail teachers); 'first_pass': only in the first, at the "
-                   "real weights", ("both", "first_pass")),
+        "sam_bn": ("both", "SAM's BatchNorm statistics: updated in both passes (the published teachers) "
+                   "or in the first only, at the real weights", ("both", "first_pass")),
         "clip_grad": (None, "clip the gradient norm to this value (null: none)", float),
     },
     "sched": {
@@ -193,7 +191,7 @@ def print_schedule(cfg: dict) -> None:
     o, lcfg = cfg["optim"], cfg["loss"]
     for epoch in range(cfg["train"]["epochs"]):
         line = {"epoch": epoch, "lr": learning_rate(cfg, epoch),
-                "drw": lcfg["drw_epoch"] is not None and epoch >= lcfg["drw_epoch"]}
+                "drw": drw_active(epoch, lcfg["drw_epoch"])}
         if o["sam"]:
             line["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
         print(json.dumps(line))
@@ -362,11 +360,11 @@ def main(cfg: dict) -> dict:
                       f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
 
     # ------------------------------------------------------------------ resume
-    progress = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
+    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
 
     def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
         extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step,
+        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
                                                           **extra})
 
     def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
@@ -382,19 +380,19 @@ def main(cfg: dict) -> dict:
                                             dataset_train.groups, dataset_train.num_classes,
                                             cfg["log"]["progress"])
             accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
-        run_folder.epoch_end(accelerator, out, progress, record, metrics,
+        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
                              lambda mets: checkpoint(epoch, mets), key="logits")
-        run_folder.mark_epoch_finished(accelerator, out, {**progress, "epoch": epoch + 1, "step": 0})
+        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
         trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
         return metrics
 
     # ------------------------------------------------------------------ train
     trackers.start(accelerator, cfg, run_name=out.name)
     preemption = run_folder.Preemption()
-    metrics = progress.get("last_metrics")
-    if progress.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(progress.pop("pending"))
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
+    metrics = run_state.get("last_metrics")
+    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
+        metrics = finish_epoch(run_state.pop("pending"))
+    for epoch in range(run_state["epoch"], tcfg["epochs"]):
         start = time.time()
         weight = drw_weights(counts, epoch, lcfg["drw_epoch"], lcfg["drw_beta"])  # None before DRW
         drw = weight is not None
@@ -407,7 +405,7 @@ def main(cfg: dict) -> dict:
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator,
                                 epoch=epoch, cfg=cfg,
-                                start_step=progress["step"] if epoch == progress["epoch"] else 0,
+                                start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
                                 preemption=preemption, save_fn=save_state, feed=feed)
         if stats is None:
             accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
@@ -417,12 +415,12 @@ def main(cfg: dict) -> dict:
                   **{f"train_{k}": v for k, v in stats.items()}}
         save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
-    accelerator.print(f"done: best top-1 {progress['best']}")
+    accelerator.print(f"done: best top-1 {run_state['best']}")
     run_folder.plot_best_per_class(accelerator, out, dataset_val)
     trackers.finish(accelerator)
     accelerator.end_training()
     lock.release()
-    return {"metrics": metrics, "best": progress["best"]}
+    return {"metrics": metrics, "best": run_state["best"]}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Small helpers shared by the three scripts: the config system, atomic saves, logging.
 
-Config system (STYLE.md, nanoGPT/timm habits): each script declares one nested dict of
-defaults, one level of sections, where every leaf is ``(default, "help text")`` or
+Config system (nanoGPT/timm habits, so a script's defaults read at its top): each script declares
+one nested dict of defaults, one level of sections, where every leaf is ``(default, "help text")`` or
 ``(default, "help text", type_or_choices)``. Precedence is defaults < ``--config file.yaml``
 < dotted command-line overrides (``optim.lr=5e-4``). Unknown keys, wrong types and values
 outside the declared choices are errors that name the key before any work starts.

@@ -8,6 +8,7 @@ Public interface (used by the scripts):
   (ConfigError naming the key), run by every script on typed and stored values alike;
 - ``build_train_sampler(dataset, aug_cfg, num_replicas, rank, seed)``;
 - ``class_groups(dataset_name, train_counts, rule)``;
+- ``data/benchmarks.py``: the named benchmarks (classes, group ranges, hub copy, columns), one table;
 - ``get_img_num_per_cls`` / ``longtail_indices``: the reference's CIFAR-LT subset.
 
 ``python -m data.summary --config CONFIG`` prints the classes, counts and groups.

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .groups import check_group_config, class_groups, group_rule
+from .benchmarks import BENCHMARKS, DATASETS, benchmark
+from .groups import check_group_config, class_groups, group_rule, is_int
 from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
 from .sources import load_source
 from errors import DataError
@@ -28,7 +29,7 @@ from utils import check
 DATA_SPEC = {
     "dataset": ("cifar10_lt", "benchmark: sets the hub name, column names, label order rules and group "
                               "thresholds",
-                ("cifar10_lt", "cifar100_lt", "imagenet_lt", "inat18", "generic")),
+                DATASETS),
     "path": (None, "local copy: a folder datasets.load_dataset reads (e.g. ../shared/data/cifar10-jpeg), "
                    "a save_to_disk folder, or parquet file/folder; null = the hub name", str),
     "hub_name": (None, "hub dataset name; null = uoft-cs/cifar10 or uoft-cs/cifar100 by dataset", str),
@@ -40,21 +41,18 @@ DATA_SPEC = {
     "imb_factor": (0.01, "n_min / n_max as the reference's --imb_factor, in (0, 1]; 1.0 = keep every "
                          "image; only for CIFAR-style subsetting (cifar*_lt, generic)", float),
     "subset_seed": (0, "numpy seed of the subset (the reference: 0)"),
-    "source_order": ("auto", "CIFAR row order before subsetting: 'auto' restores the original pickle "
-                             "order of the hub copy (docs/recipe.md section 5), 'original' insists on it, "
-                             "'as_is' uses the rows as stored", ("auto", "original", "as_is")),
+    "source_order": ("auto", "CIFAR row order before subsetting: the original pickle order ('auto' "
+                             "restores it, 'original' insists on it) or the rows as stored",
+                     ("auto", "original", "as_is")),
     "root": (None, "image root the split files' paths are relative to", str),
     "train_list": (None, "ImageNet-LT / iNat training split file ('relative/path label' lines)", str),
     "val_list": (None, "ImageNet-LT / iNat evaluation split file", str),
     "groups": ("reference", "head/mid/tail: the reference's class-index ranges or the count rule "
                             "(many > 100, few < 20 training images)", ("reference", "count")),
-    "group_thresholds": (None, "[many, few] of the count rule: head = classes with more than many "
-                               "training images, tail = fewer than few; null = [100, 20] (the "
-                               "literature's); used with groups=count, or generic without "
-                               "group_boundaries", list),
-    "group_boundaries": (None, "[c0, c1] class indices on the frequency-sorted classes for "
-                               "groups=reference: head [0, c0), mid [c0, c1), tail [c1, C); null = "
-                               "the benchmark's reference ranges (generic has none: count rule)", list),
+    "group_thresholds": (None, "[many, few] of the count rule: head > many, tail < few training "
+                               "images; null = [100, 20]", list),
+    "group_boundaries": (None, "[c0, c1] of groups=reference: head [0, c0), mid [c0, c1), tail [c1, C) "
+                               "of the sorted classes; null = the benchmark's", list),
     "val_holdout": (0.0, "fraction of each class's LT training images held out as the validation split; "
                          "0 = evaluate on val_split like the reference", float),
     "num_workers": (2, "DataLoader worker processes"),
@@ -75,14 +73,10 @@ _NAME_KEYS = ("path", "hub_name", "image_column", "label_column", "train_split",
               "root", "train_list", "val_list")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_input_size(value, key: str) -> None:
     """ConfigError naming ``key`` unless ``value`` is a whole number of pixels in
     [1, MAX_INPUT_SIZE]."""
-    check(_is_int(value) and 1 <= value <= MAX_INPUT_SIZE, key,
+    check(is_int(value) and 1 <= value <= MAX_INPUT_SIZE, key,
           f"must be a whole number of pixels in [1, {MAX_INPUT_SIZE}], got {value!r}")
 
 
@@ -99,10 +93,10 @@ def validate_data_config(d: dict) -> None:
         check(0.0 <= float(d["val_holdout"]) < 1.0, "data.val_holdout",
               f"must be in [0, 1), got {d['val_holdout']}")
     if "num_workers" in d:
-        check(_is_int(d["num_workers"]) and d["num_workers"] >= 0, "data.num_workers",
+        check(is_int(d["num_workers"]) and d["num_workers"] >= 0, "data.num_workers",
               f"must be an integer >= 0, got {d['num_workers']!r}")
     if "subset_seed" in d:  # numpy's RandomState takes seeds in [0, 2**32)
-        check(_is_int(d["subset_seed"]) and 0 <= d["subset_seed"] < 2**32, "data.subset_seed",
+        check(is_int(d["subset_seed"]) and 0 <= d["subset_seed"] < 2**32, "data.subset_seed",
               f"must be an integer in [0, 2**32), got {d['subset_seed']!r}")
     for key in _NAME_KEYS:
         value = d.get(key)
@@ -112,9 +106,7 @@ def validate_data_config(d: dict) -> None:
                   + ("; an empty path would read the current folder)" if key == "path" else ")"))
 
 
-CIFAR = ("cifar10_lt", "cifar100_lt")
-# Classes of each named benchmark, known without loading it (benchmarks, schedule previews).
-BENCHMARK_CLASSES = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}
+CIFAR = tuple(name for name, row in BENCHMARKS.items() if row.cifar_subset)
 
 
 class LongTailDataset(torch.utils.data.Dataset):
@@ -207,7 +199,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         rows = picked if order is None else order[picked]
         subset_note = f" after subsetting (imb_type={cfg['imb_type']}, imb_factor={imb})"
     else:
-        if dataset in ("imagenet_lt", "inat18") and imb != 1.0:
+        if dataset in BENCHMARKS and imb != 1.0:  # a named benchmark that is not a CIFAR subset
             _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, "
                  f"every training image used")
         rows = np.arange(len(labels), dtype=np.int64)
@@ -254,7 +246,7 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
     group_args = (cfg["groups"], cfg["group_thresholds"], cfg["group_boundaries"])
     groups = class_groups(dataset, train_counts, *group_args)
     rule = group_rule(dataset, num_classes, *group_args)  # in words, e.g. "reference ranges [3, 7)"
-    expected = {"cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat18": 8142}.get(dataset)
+    expected = benchmark(dataset).num_classes
     if cfg["groups"] == "reference" and cfg["group_boundaries"] is None and expected not in (None, num_classes):
         _log(f"WARNING: the reference's group ranges assume {expected} classes, this dataset has "
              f"{num_classes}: ranges clipped")

@@ -17,24 +17,19 @@ from __future__ import annotations
 from typing import Sequence
 
 from errors import ConfigError
+from .benchmarks import benchmark
 
-# (c0, c1) per benchmark, read from the reference (docs/recipe.md section 5).
-REFERENCE_RANGES = {
-    "cifar10_lt": (3, 7),
-    "cifar100_lt": (36, 71),
-    "imagenet_lt": (390, 835),
-    "inat18": (842, 4543),
-}
 MANY_SHOT, FEW_SHOT = 100, 20
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(value) -> bool:
+    """A whole number as a config value: an int, and not a bool (True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_pair(value, key: str, meaning: str) -> tuple[int, int]:
     """``value`` as two integers, or a ConfigError naming ``key`` and what it must be."""
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value)):
         raise ConfigError(f"{key}: must be {meaning}, got {value!r}")
     return value[0], value[1]
 
@@ -63,7 +58,7 @@ def check_group_config(rule: str, thresholds=None, boundaries=None, dataset_name
         raise ConfigError("data.group_boundaries: class-index ranges are the reference rule; set "
                           "data.groups=reference to use them, or remove the key")
     if thresholds is not None and rule == "reference" and (boundaries is not None
-                                                           or dataset_name in REFERENCE_RANGES):
+                                                           or benchmark(dataset_name).group_ranges):
         ranges = "data.group_boundaries" if boundaries is not None else f"the {dataset_name} reference ranges"
         raise ConfigError(f"data.group_thresholds: numbers of the count rule, but data.groups=reference "
                           f"uses class-index ranges here ({ranges}); set data.groups=count to use "
@@ -76,8 +71,8 @@ def _resolve(dataset_name: str, num_classes: int, rule: str, thresholds, boundar
     if rule == "reference" and boundaries is not None:
         c0, c1 = boundaries
         return "ranges", c0, c1, f"ranges [{c0}, {c1}) from data.group_boundaries"
-    if rule == "reference" and dataset_name in REFERENCE_RANGES:
-        ref = REFERENCE_RANGES[dataset_name]
+    ref = benchmark(dataset_name).group_ranges  # (c0, c1) of a named benchmark, read from the reference
+    if rule == "reference" and ref is not None:
         c0, c1 = (min(c, num_classes) for c in ref)
         clipped = f", clipped from [{ref[0]}, {ref[1]}) to {num_classes} classes" if (c0, c1) != ref else ""
         return "ranges", c0, c1, f"reference ranges [{c0}, {c1}){clipped}"

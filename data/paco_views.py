@@ -33,15 +33,12 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFilter
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-__all__ = ["paco_transform", "TwoViews", "Cutout", "GaussianBlur",
-           "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
+from .transforms import CIFAR_MEAN, CIFAR_STD
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["paco_transform", "TwoViews", "Cutout", "GaussianBlur", "CIFAR_MEAN", "CIFAR_STD"]
 
 
 class TwoViews:
@@ -133,7 +130,7 @@ def _imagenet_views(size: int, randaug_n: int, randaug_m: int, mean_std) -> TwoV
 
     normalize = T.Normalize(*mean_std)
     ra_hparams = dict(translate_const=int(size * 0.45),
-                      img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
+                      img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN))
     query = T.Compose([
         T.RandomResizedCrop(size, scale=(0.08, 1.0)),
         T.RandomHorizontalFlip(),
@@ -167,7 +164,7 @@ def paco_transform(data_cfg: dict, dataset: str, mean_std=None) -> TwoViews:
     size = _input_size(data_cfg)
     cifar = dataset.lower().startswith("cifar")
     if mean_std is None:
-        mean_std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
+        mean_std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     if cifar:
         return _cifar_views(size, mean_std)
     return _imagenet_views(size, int(data_cfg.get("randaug_n", 2)), int(data_cfg.get("randaug_m", 10)),

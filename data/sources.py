@@ -24,10 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from errors import DataError
-
-HUB_NAMES = {"cifar10_lt": "uoft-cs/cifar10", "cifar100_lt": "uoft-cs/cifar100"}
-IMAGE_COLUMNS = {"cifar10_lt": "img", "cifar100_lt": "img"}  # others: "image"
-LABEL_COLUMNS = {"cifar100_lt": "fine_label"}  # others: "label"
+from .benchmarks import benchmark
 
 
 def to_rgb(img: Image.Image, what: str) -> Image.Image:
@@ -241,7 +238,7 @@ def _load_dataset_dict(cfg: dict) -> tuple[dict, str]:
 
     path = cfg.get("path")
     if path is None:
-        name = cfg.get("hub_name") or HUB_NAMES.get(cfg["dataset"])
+        name = cfg.get("hub_name") or benchmark(cfg["dataset"]).hub_name
         if name is None:
             raise DataError(f"data.dataset={cfg['dataset']} has no hub copy: set data.path (a local "
                              f"dataset) or data.train_list + data.root (split files)")
@@ -281,8 +278,8 @@ def load_hf(cfg: dict) -> RawSource:
 
     splits, description = _load_dataset_dict(cfg)
     dataset = cfg["dataset"]
-    image_column = cfg.get("image_column") or IMAGE_COLUMNS.get(dataset, "image")
-    label_column = cfg.get("label_column") or LABEL_COLUMNS.get(dataset, "label")
+    image_column = cfg.get("image_column") or benchmark(dataset).image_column
+    label_column = cfg.get("label_column") or benchmark(dataset).label_column
     wanted = [cfg["train_split"]] + ([cfg["val_split"]] if cfg.get("val_holdout", 0.0) == 0 else [])
     for split in wanted:
         if split not in splits:

@@ -17,14 +17,17 @@ import random
 from typing import Callable
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 from utils import Nullable, check
 from errors import DataError
 
+# The CIFAR statistics of the LDAM-DRW and PaCo CIFAR code (docs/recipe.md section 4); ImageNet's are timm's.
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
 AUG_SPEC = {
-    "train_crop": ("rrc", "training crop: 'rrc' = RandomResizedCrop(scale 0.08-1) as timm create_transform "
-                          "(the reference, 32x32 CIFAR upsampled to input_size); 'pad_crop' = "
+    "train_crop": ("rrc", "training crop: RandomResizedCrop(0.08-1) as timm (the reference), or "
                           "RandomCrop(input_size, padding 4) for native-resolution CIFAR",
                    ("rrc", "pad_crop")),
     "hflip": (0.5, "horizontal flip probability"),
@@ -42,7 +45,7 @@ AUG_SPEC = {
                          "CUDA. The same images and erasing boxes as the float path (data/transforms.py)",
                  ("auto", "on", "off")),
     "normalize": ("imagenet", "mean/std: 'imagenet' (the reference, also for CIFAR) or 'cifar' "
-                              "(0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010)", ("imagenet", "cifar")),
+                              "(the statistics the CIFAR teachers were trained with)", ("imagenet", "cifar")),
     "eval_crop_ratio": (0.875, "eval: Resize(int(input_size / ratio)) + CenterCrop(input_size)"),
     "eval_interpolation": ("bicubic", "interpolation of the eval Resize: bicubic (DeiT, the reference's "
                                       "students) or bilinear (the published ImageNet-LT / iNat teachers)",
@@ -91,8 +94,8 @@ def validate_aug_config(a: dict, input_size: int | None = None) -> None:
 
 
 NORMALIZATION = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "cifar": (CIFAR_MEAN, CIFAR_STD),
 }
 
 

@@ -233,8 +233,8 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
     own (PaCo's two views stay float), the training batches are uint8 for the script's
     ``DeviceFeed``.
     The train loader is not prepared: its sampler is already rank-aware (repeated
-    augmentation), and accelerate must not re-shard it (STYLE.md). The eval loader is
-    prepared so ``gather_for_metrics`` can drop the padding duplicates.
+    augmentation), and accelerate must not re-shard it (prepare would split each rank's share
+    again). The eval loader is prepared so ``gather_for_metrics`` can drop the padding duplicates.
     """
     tcfg = cfg["train"]
     # The main process builds (and caches) the datasets first; the others then read its cache

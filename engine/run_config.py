@@ -16,11 +16,8 @@ RUN_SPEC = {
     "batch_size": (128, "images per process per step (before accumulation)"),
     "accum_steps": (1, "gradient accumulation steps (micro-batches per optimiser step; the last "
                     "window of an epoch may be shorter, as the reference)"),
-    "recipe_processes": (None, "the number of processes the recipe was written for (the "
-                         "reference's: 2 for CIFAR, 4 for ImageNet-LT / iNat). Set: on W processes "
-                         "accum_steps is multiplied by recipe_processes / W (a whole number) and "
-                         "the peak lr is the recipe's, so 1, 2, 4 or 8 GPUs train with the "
-                         "reference's effective batch; null: the config as written", int),
+    "recipe_processes": (None, "processes the recipe was written for: on W, accum_steps x "
+                         "recipe_processes / W and the recipe's peak lr; null: as written", int),
     "drop_last": (False, "drop each epoch's last, smaller batch (false: kept, as the reference)"),
     "seed": (0, "run seed (model init, augmentation, mixup, drop path)"),
     "output_dir": ("output/run", "folder for log.txt, config.yaml, state/, checkpoints"),

@@ -47,10 +47,8 @@ PROJECT_NAME = "deit-lt"  # default project (a wandb / MLflow project; TensorBoa
 STEP_PREFIX = "step/"
 
 TRACKER_SPEC = {
-    "trackers": ([], "experiment trackers, e.g. [tensorboard] or [wandb, mlflow]: any of "
-                 + ", ".join(TRACKERS) + ", or [all] (every one installed); [] = none. "
-                 "Logs the resolved config, every log.txt epoch record and per-step loss/lr; "
-                 "local files go to <train.output_dir>/trackers", list),
+    "trackers": ([], "experiment trackers logging the config, epoch records and per-step loss/lr: any of "
+                 + ", ".join(TRACKERS) + ", or [all] installed; [] = none", list),
 }
 
 

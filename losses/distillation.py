@@ -28,16 +28,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DISTILLATION_TYPES = ("none", "soft", "hard")
+from models.student import DistilledStudent
+
+# The student's heads in token order (its head contract): the first learns the labels (base
+# criterion), the second the teacher.
+CLS_HEAD, DIST_HEAD = sorted(DistilledStudent.HEADS, key=DistilledStudent.HEADS.get)
+
+DISTILLATION_TYPES = ("hard", "soft", "none")
 
 
-def check_distillation_settings(distillation_type: str, alpha: float, tau: float) -> None:
+def check_distillation_settings(distillation_type: str, alpha: float, tau: float,
+                                error: type[Exception] = ValueError, prefix: str = "distillation ") -> None:
+    """Raise ``error`` naming the setting (``prefix`` + name) unless the settings are valid: the
+    one definition of the types and ranges, for this loss and ``train_student.validate`` alike."""
     if distillation_type not in DISTILLATION_TYPES:
-        raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
+        raise error(f"{prefix}type: must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+        raise error(f"{prefix}alpha: must be in [0, 1] ((1 - alpha) base + alpha distill), got {alpha!r}")
     if not tau > 0:
-        raise ValueError(f"distillation tau must be > 0, got {tau}")
+        raise error(f"{prefix}tau: must be > 0 (the logits are divided by it), got {tau!r}")
 
 
 def check_class_map(class_map: Sequence[int], num_classes: int | None = None) -> list[int]:
@@ -195,7 +204,7 @@ class DistillationLoss(nn.Module):
         """``outputs``: the student's heads by name (``DistilledStudent.forward``)."""
         teacher_logits = None if self.distillation_type == "none" else self.teacher_logits(inputs)
         loss, base_term, distill_term = distillation_terms(
-            outputs["cls"], outputs["dist"], teacher_logits, targets, self.base_criterion,
+            outputs[CLS_HEAD], outputs[DIST_HEAD], teacher_logits, targets, self.base_criterion,
             self.distillation_type, self.alpha, self.tau, class_weights=class_weights,
             class_map=self.class_map)
         terms = {"base": base_term, "distill": distill_term}

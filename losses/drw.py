@@ -25,11 +25,15 @@ def class_balanced_weights(cls_num_list: Sequence[int], beta: float = 0.9999) ->
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def drw_active(epoch: int, drw_epoch: int | None) -> bool:
+    """The DRW rule of both training scripts (their loops and ``--print-schedule``): on from
+    ``drw_epoch`` (0-based, as the reference's ``epoch >= args.drw``); ``None`` never."""
+    return drw_epoch is not None and epoch >= drw_epoch
+
+
 def drw_weights(cls_num_list: Sequence[int], epoch: int, drw_epoch: int | None,
                 beta: float = 0.9999) -> torch.Tensor | None:
-    """The DRW rule of both training scripts: None (no re-weighting) before ``drw_epoch``
-    (0-based, as the reference's ``epoch >= args.drw``), effective-number weights from then
-    on; ``drw_epoch=None`` never re-weights."""
-    if drw_epoch is None or epoch < drw_epoch:
+    """None (no re-weighting) while ``drw_active`` is false, effective-number weights after."""
+    if not drw_active(epoch, drw_epoch):
         return None
     return class_balanced_weights(cls_num_list, beta)

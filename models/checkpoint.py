@@ -156,7 +156,7 @@ def check_arch_fits_weights(arch: dict, state: Mapping[str, Any], source: str) -
     depth, head), checked before the model is built: a damaged or hand-edited arch (say an
     img_size of 100000) would otherwise allocate a huge model before the strict load fails."""
     grid = arch["img_size"] // arch["patch_size"]
-    expected = {"pos_embed": (1, grid * grid + 2, arch["embed_dim"]),
+    expected = {"pos_embed": (1, grid * grid + len(DistilledStudent.HEADS), arch["embed_dim"]),
                 "head.weight": (arch["num_classes"], arch["embed_dim"])}
     for name, shape in expected.items():
         found = tuple(state[name].shape) if isinstance(state.get(name), torch.Tensor) else None

@@ -146,3 +146,47 @@ def test_head_combination_is_one_local_edit(tmp_path):
     if mean["per_class"] == weighted["per_class"]:
         logits_differ = not torch.allclose(heads["avg"], 0.25 * heads["cls"] + 0.75 * heads["dist"])
         assert logits_differ  # same argmax by chance, but different combined logits
+
+
+def test_loss_and_analyses_read_the_head_names_from_heads():
+    """The distillation loss and the attention analysis take the heads' names from
+    ``DistilledStudent.HEADS`` (the head contract), not from literals: renamed there, the loss
+    reads the renamed outputs (first head: labels, second: teacher)."""
+    code = (
+        "import torch, torch.nn as nn\n"
+        "from models.student import DistilledStudent\n"
+        "DistilledStudent.HEADS = {'gt': 0, 'kd': 1}\n"
+        "from analysis import STUDENT_TOKENS\n"
+        "from losses.distillation import DistillationLoss\n"
+        "torch.manual_seed(0)\n"
+        "a, b, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])\n"
+        "loss, terms = DistillationLoss(nn.CrossEntropyLoss(), None, 'none', 0.25, 1.0)(None, {'gt': a, 'kd': b}, y)\n"
+        "print(STUDENT_TOKENS, repr(terms['base'].item()), repr(terms['distill'].item()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    a, b, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    ce = torch.nn.functional.cross_entropy
+    expected = f"('gt', 'kd') {(ce(a, y) * 0.75).item()!r} {(ce(b, y) * 0.25).item()!r}"
+    assert proc.stdout.strip() == expected
+
+
+def test_no_python_file_cites_a_style_guide_missing_from_the_repository():
+    """Comments say their reason themselves: the house style guide is not in the repository."""
+    name = "STYLE" + ".md"
+    files = [p for p in ROOT.rglob("*.py") if not {".git", ".venv", "tests"} & set(p.relative_to(ROOT).parts)]
+    assert not (ROOT / name).exists()
+    assert [str(p.relative_to(ROOT)) for p in files if name in p.read_text()] == []
+
+
+def test_help_strings_fit_two_lines():
+    """A config key's help says what it does and why in a line or two (at most 200 characters);
+    provenance belongs in docs/recipe.md."""
+    import evaluate
+    import train_student
+    import train_teacher
+    from utils import split_spec
+
+    long = {f"{mod.__name__}: {key}": len(text) for mod in (train_student, train_teacher, evaluate)
+            for key, text in split_spec(mod.SPEC)[1].items() if len(text) > 200}
+    assert long == {}

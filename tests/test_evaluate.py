@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from helpers import free_port, make_image_dataset
@@ -405,26 +406,37 @@ def test_token_reads_one_patch_has_no_spread():
 
 
 def test_recorder_matches_timm_attention_and_sees_local_attention():
-    """The hook's recomputed softmax equals timm's explicit path; a model built so every patch
-    attends to itself gives mean attention distance 0."""
-    from analysis import AttentionRecorder, attention_probabilities
+    """The recorder (timm's AttentionExtract on the explicit path) gives exactly the statistics
+    of softmax(q k^T * scale) recomputed by hand in float32 from each block's input, on a model
+    with fused attention, which it restores; a model built so every patch attends to itself
+    gives mean attention distance 0."""
+    from analysis import AttentionRecorder, attention_statistics
     from models import build_student
-    from models.student import set_fused_attn
+
+    def by_hand(attn, x):  # the recompute the project used before AttentionExtract
+        B, N, _ = x.shape
+        qkv = F.linear(x.float(), attn.qkv.weight.float(), attn.qkv.bias.float())
+        q, k = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[:2]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     torch.manual_seed(0)
     model = build_student({**STUDENT_ARCH, "depth": 2}).eval()
-    set_fused_attn(model, False)
-    seen = []
-    model.blocks[1].attn.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    assert all(block.attn.fused_attn for block in model.blocks)
     inputs = []
-    model.blocks[1].attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    for block in model.blocks:
+        block.attn.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad(), AttentionRecorder(model) as recorder:
         model(x)
         stats = recorder.pop()
-    torch.testing.assert_close(attention_probabilities(model.blocks[1].attn, inputs[0]), seen[0])
     assert stats["mean_distance"].shape == (3, 2, 3)
-    assert len(model.blocks[0].attn._forward_pre_hooks) == 0  # the recorder removed its hooks
+    for block, (attn, block_input) in enumerate(inputs):
+        expected = attention_statistics(by_hand(attn, block_input), (8, 8), ["cls", "dist"])
+        for name, value in expected.items():
+            assert torch.equal(stats[name][:, block], value), (block, name)
+    assert all(block.attn.fused_attn for block in model.blocks)  # restored
+    assert not model.blocks[0].attn.attn_drop._forward_hooks  # the recorder removed its hooks
 
     # Self-attention only: one-hot position embeddings, no patch content, and q = k = a large
     # multiple of the normalised token, so q.k is largest for a token with itself.

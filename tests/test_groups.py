@@ -109,3 +109,28 @@ def test_boundaries_beyond_the_classes(generic):
         build_datasets(data_cfg(**generic, group_boundaries=[2, 6]), verbose=False)
     with pytest.raises(ConfigError, match="data.group_boundaries"):
         class_groups("cifar10_lt", [5] * 10, "reference", boundaries=[3, 11])
+
+
+def test_a_benchmark_is_one_row_of_the_registry(generic, monkeypatch):
+    """data/benchmarks.py is the one table of the named benchmarks: a new row gives the groups
+    its reference ranges and the source its column names, with no other edit."""
+    from data.benchmarks import BENCHMARKS, Benchmark
+    from data.sources import load_source
+
+    monkeypatch.setitem(BENCHMARKS, "toy_lt", Benchmark(5, (1, 3), image_column="img"))
+    assert class_groups("toy_lt", [110, 50, 30, 12, 5]) == {"head": [0], "mid": [1, 2], "tail": [3, 4]}
+    assert group_rule("toy_lt", 5) == "reference ranges [1, 3)"
+    cfg = {**data_cfg(**generic), "dataset": "toy_lt", "image_column": None}
+    raw = load_source(cfg)  # the row's image column 'img', not the default 'image'
+    assert raw.train.source.image_column == "img" and len(raw.train.labels) == sum(COUNTS)
+    with pytest.raises(ConfigError, match="group_thresholds"):  # the row's ranges are the reference rule
+        class_groups("toy_lt", [110, 50, 30, 12, 5], thresholds=[100, 20])
+
+
+def test_one_whole_number_check():
+    """data/build.py's range checks and the groups' integer pairs share one ``is_int``."""
+    import data.build
+    from data.groups import is_int
+
+    assert data.build.is_int is is_int
+    assert is_int(3) and not is_int(True) and not is_int(3.0) and not is_int("3")

@@ -3,6 +3,7 @@ fixtures), and SAM (perturbation, base step, resume, BatchNorm freezing)."""
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -33,6 +34,23 @@ def test_drw_weights_switch_on_at_drw_epoch():
     assert drw_weights(counts, epoch=159, drw_epoch=160) is None  # unweighted before DRW
     assert torch.equal(drw_weights(counts, epoch=160, drw_epoch=160), class_balanced_weights(counts))
     assert drw_weights(counts, epoch=500, drw_epoch=None) is None
+
+
+@pytest.mark.parametrize("script", ["train_student", "train_teacher"])
+def test_both_scripts_schedule_drw_with_the_one_predicate(script, monkeypatch, capsys):
+    """--print-schedule asks losses.drw.drw_active, as the loops do through drw_weights: a change
+    of the DRW rule is one edit there (here: DRW on odd epochs only)."""
+    import importlib
+
+    from utils import split_spec
+
+    module = importlib.import_module(script)
+    cfg = split_spec(module.SPEC)[0]
+    cfg["train"]["epochs"] = 4
+    monkeypatch.setattr(module, "drw_active", lambda epoch, drw_epoch: epoch % 2 == 1)
+    module.print_schedule(cfg)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["drw"] for line in lines] == [False, True, False, True]
 
 
 # ----------------------------------------------------------------------------- LDAM
@@ -176,6 +194,22 @@ def test_distillation_none_needs_no_teacher_and_bad_settings_raise():
     with pytest.raises(ValueError, match="soft"):
         distillation_terms(cls_logits, dist_logits, torch.randn(4, 3), labels, nn.CrossEntropyLoss(), "soft",
                            0.5, 1.0, class_weights=torch.ones(3))
+
+
+def test_distillation_types_and_ranges_are_defined_once():
+    """train_student's distill.type choices and its alpha / tau checks are the loss's own."""
+    import train_student
+    from errors import ConfigError
+    from losses.distillation import DISTILLATION_TYPES
+    from utils import parse_config
+
+    assert train_student.SPEC["distill"]["type"][2] is DISTILLATION_TYPES
+    for override, message in (("distill.alpha=1.5", "distill.alpha: must be in [0, 1]"),
+                              ("distill.tau=0", "distill.tau: must be > 0")):
+        with pytest.raises(ConfigError, match=re.escape(message) + ".*got"):
+            parse_config(train_student.SPEC, ["distill.type=none", override], validate=train_student.validate)
+    with pytest.raises(ValueError, match="distillation tau: must be > 0"):
+        DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 0.0)
 
 
 def test_distillation_computes_in_float32():

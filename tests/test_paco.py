@@ -413,3 +413,18 @@ def test_cutout_zeroes_one_clipped_square():
     assert 0 < zero.sum() <= 256
     assert zero.sum() == len(rows) * len(cols)  # one axis-aligned rectangle
     assert (out[:, ~zero] == 1).all()
+
+
+def test_mean_std_are_defined_once():
+    """One CIFAR constant (data/transforms.py), timm's ImageNet constants: the student's
+    transforms, aug.normalize and PaCo's views read the same objects."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    import data.paco_views as paco_views
+    from data.transforms import NORMALIZATION
+
+    assert NORMALIZATION["imagenet"][0] is IMAGENET_DEFAULT_MEAN and NORMALIZATION["imagenet"][1] is IMAGENET_DEFAULT_STD
+    assert NORMALIZATION["cifar"] == (paco_views.CIFAR_MEAN, paco_views.CIFAR_STD)
+    assert NORMALIZATION["cifar"][0] is paco_views.CIFAR_MEAN and NORMALIZATION["cifar"][1] is paco_views.CIFAR_STD
+    norm = paco_transform({"input_size": 32}, "imagenet_lt").key.transforms[-1]
+    assert tuple(norm.mean) == IMAGENET_DEFAULT_MEAN and tuple(norm.std) == IMAGENET_DEFAULT_STD

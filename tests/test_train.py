@@ -418,7 +418,7 @@ def test_odd_batch_with_mixup_trains_on_the_even_part():
 def test_ema_updates_equal_the_references_per_micro_batch():
     """With accumulation 4 the reference updates timm's ModelEma after every micro-batch (LT
     engine.py:L254-255): three times towards the weights before the optimiser step, once towards
-    the new ones. train_step's EMA (ema_decays=4) equals that, over two steps."""
+    the new ones. train_step's EMA (ema_updates=4) equals that, over two steps."""
     import copy
 
     from timm.utils import ModelEma
@@ -439,7 +439,7 @@ def test_ema_updates_equal_the_references_per_micro_batch():
     windows = [[(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(4)] for _ in range(2)]
     accelerator = Accelerator(cpu=True)
     for window in windows:
-        train_student.train_step(model, criterion, window, opt_a, accelerator, model_ema=ours, ema_decays=4)
+        train_student.train_step(model, criterion, window, opt_a, accelerator, model_ema=ours, ema_updates=4)
         for i, (x, y) in enumerate(window):  # the reference's loop
             loss, _ = criterion(x, twin(x), y)
             (loss / 4).backward()

@@ -55,7 +55,7 @@ def main(report_path: str) -> None:
         lo, hi = rank * 4, rank * 4 + 4
         # each rank trains on its half of the batch, in two micro-batches (no_sync for the first)
         window = [(x[lo:lo + 2], y[lo:lo + 2]), (x[lo + 2:hi], y[lo + 2:hi])]
-        train_step(model, criterion, window, optimizer, accelerator, model_ema=ema, ema_decays=len(window))
+        train_step(model, criterion, window, optimizer, accelerator, model_ema=ema, ema_updates=len(window))
         # the unsharded twin on the whole batch: the same mean loss; its EMA as the reference's
         # (one update per micro-batch: the first towards the weights before the step)
         loss, _ = criterion(x, plain(x), y)
