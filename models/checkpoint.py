@@ -60,7 +60,7 @@ import torch.nn as nn
 from errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 from models.paco import paco_to_teacher_state_dict, split_paco_state_dict
 from errors import ConfigError
-from models.safe_load import load_state_dict_strict, safe_load, strip_wrapper_prefixes
+from models.safe_load import check_float_dtypes, load_state_dict_strict, safe_load, strip_wrapper_prefixes
 from models.student import DistilledStudent, build_student, parse_student_name, student_arch
 from models.teacher import build_teacher, classifier_name_of
 from utils import atomic_write_bytes, to_plain
@@ -605,6 +605,7 @@ def _partial_load(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
     Any other shape difference is a CheckpointMismatchError naming keys and shapes.
     """
     own = model.state_dict()
+    check_float_dtypes(own, state, source)
 
     def shape_differs(k: str) -> bool:
         return k in own and tuple(own[k].shape) != tuple(state[k].shape)
