@@ -55,3 +55,53 @@ def test_weights_cast_to_integers_are_refused(tmp_path):
     write_safetensors(_payload("teacher", {k: v.half() if v.is_floating_point() else v
                                            for k, v in build_teacher(**TEACHER_ARCH).state_dict().items()}), half)
     load_teacher(half)
+
+
+# ----------------------------------------------------------------------------- item 9
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_integer_label_far_beyond_the_classes_is_refused(tmp_path):
+    """One stray label (1e9 in the issue; 1e6 here so that the old code, which built that many
+    classes, finishes) is refused with the row, before any per-class list is built."""
+    import datasets
+
+    from data.sources import load_source
+    from errors import DataError
+    from helpers import make_split_files
+
+    png = _png_bytes()
+    labels = [0, 1, 2, 1, 10**6, 0]
+    parquet = tmp_path / "stray.parquet"
+    datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}] * len(labels), "label": labels},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.Value("int64")})
+                               ).to_parquet(str(parquet))
+    cfg = {"dataset": "generic", "path": str(parquet), "image_column": None, "label_column": None,
+           "train_split": "train", "val_split": "test", "val_holdout": 0.2}
+    with pytest.raises(DataError, match=r"row 4 of split 'train' .* has label 1000000, far beyond the 4 "
+                                        r"distinct labels"):
+        load_source(cfg)
+    cfg_ok = dict(cfg, path=str(tmp_path / "ok.parquet"))
+    datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}] * 4, "label": [0, 1, 2, 7]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.Value("int64")})
+                               ).to_parquet(cfg_ok["path"])
+    assert len(load_source(cfg_ok).class_names) == 8  # a few unused indices stay allowed
+
+    image_root, train_list, _ = make_split_files(tmp_path / "lists", [2, 2], [1, 1])
+    lines = train_list.read_text().splitlines()
+    lines[1] = lines[1].rsplit(" ", 1)[0] + " 5000000"
+    train_list.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"train.txt: .*\.jpg has label 5000000, far beyond"):
+        load_source({"dataset": "generic", "path": None, "root": str(image_root),
+                     "train_list": str(train_list), "val_list": None})
