@@ -105,3 +105,43 @@ def test_integer_label_far_beyond_the_classes_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"train.txt: .*\.jpg has label 5000000, far beyond"):
         load_source({"dataset": "generic", "path": None, "root": str(image_root),
                      "train_list": str(train_list), "val_list": None})
+
+
+# ----------------------------------------------------------------------------- item 14
+
+
+class _BadImage(torch.utils.data.Dataset):
+    """Row 1 is missing (``open_rgb``'s error, chained from the OS error) or unreadable."""
+
+    def __init__(self, missing: bool):
+        self.missing = missing
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        from data.sources import open_rgb
+        from errors import DataError
+
+        if i == 1 and self.missing:
+            open_rgb("/nonexistent/images/cat_0001.png", "/nonexistent/images/cat_0001.png")
+        if i == 1:
+            raise DataError("cannot read image row 1 of the 'train' split: truncated")
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("missing", [True, False])
+def test_worker_error_is_one_line(missing, capsys):
+    """torch re-raises a worker's error with its whole traceback as the message (~40 lines)."""
+    from errors import run_main
+
+    def main():
+        for _ in torch.utils.data.DataLoader(_BadImage(missing), batch_size=1, num_workers=1):
+            pass
+
+    assert run_main(main) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    expected = ("error: image not found: /nonexistent/images/cat_0001.png" if missing
+                else "error: cannot read image row 1 of the 'train' split: truncated")
+    assert err.startswith(expected) and "(in data-loader worker 0)" in err, err
