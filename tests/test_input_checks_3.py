@@ -145,3 +145,24 @@ def test_worker_error_is_one_line(missing, capsys):
     expected = ("error: image not found: /nonexistent/images/cat_0001.png" if missing
                 else "error: cannot read image row 1 of the 'train' split: truncated")
     assert err.startswith(expected) and "(in data-loader worker 0)" in err, err
+
+
+# ----------------------------------------------------------------------------- item 11
+
+
+def test_resume_state_file_names_the_checkpoints_to_use(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import evaluate
+    from models import build_student
+
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "state" / "progress.json").write_text('{"epoch": 1, "step": 0}')
+    state_file = run / "state" / "model.safetensors"  # as accelerate's save_state writes it
+    save_file(build_student(STUDENT_ARCH).state_dict(), str(state_file), metadata={"format": "pt"})
+    (run / "checkpoint.pth").write_bytes(b"")
+    assert evaluate.main(["--ckpt", str(state_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "num_heads" not in err, err
+    assert "resume state" in err and str(run / "checkpoint.pth") in err, err
