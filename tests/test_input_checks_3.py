@@ -166,3 +166,57 @@ def test_resume_state_file_names_the_checkpoints_to_use(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "num_heads" not in err, err
     assert "resume state" in err and str(run / "checkpoint.pth") in err, err
+
+
+# ----------------------------------------------------------------------------- items 7, 12 (models/distill_teacher.py)
+
+
+def _distill_cfg(**distill) -> dict:
+    return {"distill": {"type": "hard", "teacher_ckpt": None, "teacher_model": None,
+                        "teacher_pretrained": False, "teacher_normalize": "student", "fold_bn": True,
+                        "teacher_input_size": None, "map_targets": "auto", **distill},
+            "aug": {"normalize": "cifar"}}
+
+
+def test_constant_teacher_is_refused_at_its_first_batch(tmp_path):
+    """All-zero weights predict one class for every image: refused at the first batch the loss
+    gives the teacher, then never checked again; a random (untrained) teacher passes."""
+    from errors import CheckpointError
+    from losses.distillation import DistillationLoss
+    from models import build_teacher
+    from models.checkpoint import write_safetensors
+    from models.distill_teacher import load_distillation_teacher, read_teacher_file
+
+    accelerator = SimpleNamespace(print=lambda *args: None, device=torch.device("cpu"))
+    data = SimpleNamespace(num_classes=3, class_map=None)
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    state = build_teacher(**TEACHER_ARCH).state_dict()
+    for name, weights in (("zero", {k: torch.zeros_like(v) for k, v in state.items()}), ("random", state)):
+        path = tmp_path / f"{name}.safetensors"
+        write_safetensors(_payload("teacher", weights), path)
+        cfg = _distill_cfg(teacher_ckpt=str(path))
+        teacher = load_distillation_teacher(cfg, data, 32, accelerator, read_teacher_file(cfg))
+        loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher["teacher"], "hard", 0.5, 1.0,
+                                teacher_input_size=teacher["input_size"])
+        if name == "zero":
+            with pytest.raises(CheckpointError, match=rf"teacher {path} gives identical logits for all 4 "
+                                                      rf"images of the first batch"):
+                loss.teacher_logits(images)
+            loss.teacher_logits(images)  # the first batch only: no check (no sync) afterwards
+        else:
+            assert loss.teacher_logits(images).shape == (4, 3)
+            assert not loss.teacher._forward_hooks  # the check removed itself
+
+
+def test_pretrained_teacher_offline_is_refused_before_the_data():
+    """HF_HUB_OFFLINE=1 (conftest) and an empty cache: one line naming the key and the model,
+    from what train_student.py calls before building the data."""
+    from errors import ConfigError
+    from models.distill_teacher import read_teacher_file
+
+    cfg = _distill_cfg(teacher_model="resnet10t", teacher_pretrained=True)
+    with pytest.raises(ConfigError) as err:
+        read_teacher_file(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "distill.teacher_pretrained" in message and "'resnet10t'" in message
