@@ -231,6 +231,30 @@ def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
                  label_smoothing=aug["smoothing"], num_classes=num_classes)
 
 
+def check_mixup_batches(cfg: dict, images: int, num_batches: int, accum: int) -> None:
+    """ConfigError, before training, where mixup/cutmix would get a batch of one image: timm's
+    Mixup needs an even batch, so ``train_step`` drops an odd batch's last image, and a batch
+    of one is left empty, whose loss is NaN (a 'non-finite loss' that blames the precision or
+    the lr). ``images``: training images per process per epoch; ``num_batches``: its batches."""
+    aug, t, d = cfg["aug"], cfg["train"], cfg["distill"]
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0) or (d["no_mixup_drw"] and d["drw_epoch"] == 0):
+        return
+    why = ("mixup/cutmix (aug.mixup, aug.cutmix) mix pairs of images and drop an odd batch's "
+           "last image, which leaves this batch empty")
+    if images < 2:
+        raise ConfigError(f"the training set gives each process {images} image per epoch; {why}: "
+                          f"use at least 2 training images per process, or aug.mixup=0 aug.cutmix=0")
+    if t["batch_size"] == 1:
+        raise ConfigError(f"train.batch_size=1: every batch holds one image; {why}: use "
+                          f"train.batch_size >= 2, or aug.mixup=0 aug.cutmix=0")
+    last = images - (num_batches - 1) * t["batch_size"]
+    used = min(num_batches, loop.steps_per_epoch(num_batches, accum, t["max_steps_per_epoch"]) * accum)
+    if last == 1 and used == num_batches:
+        raise ConfigError(f"each epoch's last batch holds one image ({images} training images per "
+                          f"process, train.batch_size={t['batch_size']}); {why}: set "
+                          f"train.drop_last=true or another train.batch_size")
+
+
 def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The CLS head's loss: soft-target CE on the mixed (label-smoothed) targets; without mixup
     and cutmix plain, optionally class-weighted, CE, as the reference (docs/recipe.md section 2:
@@ -373,6 +397,7 @@ def main(cfg: dict) -> dict:
     dataset_train, dataset_val, sampler, data_loader_train, data_loader_val = \
         loop.build_loaders(cfg, accelerator)
     num_classes = dataset_train.num_classes
+    check_mixup_batches(cfg, len(sampler), len(data_loader_train), accum)
     accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"peak lr {peak_lr:.3e}"))
 
     # ------------------------------------------------------------------ model

@@ -220,3 +220,32 @@ def test_pretrained_teacher_offline_is_refused_before_the_data():
         read_teacher_file(cfg)
     message = str(err.value)
     assert "\n" not in message and "distill.teacher_pretrained" in message and "'resnet10t'" in message
+
+
+# ----------------------------------------------------------------------------- item 10
+
+
+def test_mixup_batch_of_one_image_is_refused_before_training():
+    """A one-image training set (or any epoch whose last batch holds one image) ended in
+    'non-finite loss ... try bf16 or a lower lr': mixup drops an odd batch's last image, and
+    the empty batch's loss is NaN. Now one line naming the cause, before training."""
+    import train_student
+    from errors import ConfigError
+    from utils import parse_config
+
+    def cfg(*argv):
+        return parse_config(train_student.SPEC, ["distill.type=none", "train.batch_size=16", *argv],
+                            validate=train_student.validate)[0]
+
+    check = train_student.check_mixup_batches
+    with pytest.raises(ConfigError, match=r"gives each process 1 image per epoch; mixup/cutmix .*aug.mixup=0"):
+        check(cfg(), images=1, num_batches=1, accum=1)
+    with pytest.raises(ConfigError, match=r"last batch holds one image \(17 training images per process, "
+                                          r"train.batch_size=16\).*train.drop_last=true"):
+        check(cfg(), images=17, num_batches=2, accum=1)
+    with pytest.raises(ConfigError, match=r"train.batch_size=1: every batch holds one image"):
+        check(cfg("train.batch_size=1"), images=40, num_batches=40, accum=1)
+    check(cfg("aug.mixup=0", "aug.cutmix=0"), images=1, num_batches=1, accum=1)  # nothing to mix: fine
+    check(cfg(), images=18, num_batches=2, accum=1)  # a last batch of 2
+    check(cfg("train.drop_last=true"), images=17, num_batches=1, accum=1)
+    check(cfg("train.max_steps_per_epoch=1"), images=17, num_batches=2, accum=1)  # never reached
