@@ -35,8 +35,9 @@ def refuse_constant_teacher(teacher: nn.Module, source: str) -> None:
     the whole run, none per step. A batch of one image cannot tell and passes."""
     def check_first_batch(module, inputs, logits) -> None:
         handle.remove()
+        # Non-finite logits are left to the loop's check (teacher_logit_max), which names them.
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) > 1 \
-                and bool((logits == logits[:1]).all()):
+                and bool((logits == logits[:1]).all() & torch.isfinite(logits[0]).all()):
             raise CheckpointError(
                 f"teacher {source} gives identical logits for all {len(logits)} images of the first "
                 f"batch (it predicts class {int(logits[0].argmax())} whatever the input; weights all "

@@ -249,3 +249,15 @@ def test_mixup_batch_of_one_image_is_refused_before_training():
     check(cfg(), images=18, num_batches=2, accum=1)  # a last batch of 2
     check(cfg("train.drop_last=true"), images=17, num_batches=1, accum=1)
     check(cfg("train.max_steps_per_epoch=1"), images=17, num_batches=2, accum=1)  # never reached
+
+
+def test_constant_check_leaves_infinite_logits_to_the_loop():
+    """Overflowing logits (all inf) are 'identical' too; the loop's teacher_logit_max check
+    names them, so the first-batch check lets them through."""
+    from models.distill_teacher import refuse_constant_teacher
+
+    teacher = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        teacher.weight.fill_(3e38)
+    refuse_constant_teacher(teacher, "inf.pth")
+    assert torch.isinf(teacher(torch.rand(5, 4) + 1)).all()
