@@ -11,6 +11,7 @@ The classes also derive from the builtin a caller would expect (``ValueError`` f
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 
 
@@ -46,13 +47,37 @@ class NonFiniteLossError(ProjectError, RuntimeError):
     """A loss term became NaN or infinite; the last saved state is intact."""
 
 
+_WORKER_HEADER = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.")
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error torch re-raised from a data-loader worker (whose
+    message is "Caught X in DataLoader worker process N." and the worker's whole traceback),
+    only the worker's own message, e.g. "image not found: <file> (in data-loader worker 0)"."""
+    text = str(e)
+    header, _, traceback_text = text.partition("\n")
+    worker = _WORKER_HEADER.fullmatch(header)
+    if worker is None:
+        return text
+    lines = traceback_text.splitlines()
+    # The traceback ends with "<module.>Name: message" (the last exception of a chain).
+    last = re.compile(rf"(?:[\w.]+\.)?{re.escape(worker.group(1))}: ")
+    for i in range(len(lines) - 1, -1, -1):
+        found = last.match(lines[i])
+        if found:
+            message = " ".join([lines[i][found.end():], *lines[i + 1:]]).strip()
+            return f"{message} (in data-loader worker {worker.group(2)})"
+    return text
+
+
 def run_main(main, *args) -> int:
     """Run a script's ``main(*args)`` and return its exit status: the project's errors and
-    missing or unreadable files (OSError) print one line ``error: ...`` and give 2;
-    everything else propagates with its traceback. ``sys.exit(run_main(main, cfg))``."""
+    missing or unreadable files (OSError) print one line ``error: ...`` (``one_line``: also
+    when a data-loader worker raised them) and give 2; everything else propagates with its
+    traceback. ``sys.exit(run_main(main, cfg))``."""
     try:
         status = main(*args)
     except (ProjectError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     return status if isinstance(status, int) else 0

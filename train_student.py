@@ -35,11 +35,11 @@ from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DISTILLATION_TYPES, DistillationLoss, check_distillation_settings
 from losses.drw import drw_active, drw_weights
-from models.checkpoint import init_student_from, load_named_teacher, load_teacher, make_checkpoint
+from models.checkpoint import init_student_from, make_checkpoint
+from models.distill_teacher import load_distillation_teacher, read_teacher_file
 from models.hub import is_hub_source, resolve_folder
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
-from models.teacher import fold_batchnorm, teacher_input_size, teacher_renormalization
 from utils import check, load_config, with_defaults
 
 SPEC = {
@@ -228,6 +228,30 @@ def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
                  label_smoothing=aug["smoothing"], num_classes=num_classes)
 
 
+def check_mixup_batches(cfg: dict, images: int, num_batches: int, accum: int) -> None:
+    """ConfigError, before training, where mixup/cutmix would get a batch of one image: timm's
+    Mixup needs an even batch, so ``train_step`` drops an odd batch's last image, and a batch
+    of one is left empty, whose loss is NaN (a 'non-finite loss' that blames the precision or
+    the lr). ``images``: training images per process per epoch; ``num_batches``: its batches."""
+    aug, t, d = cfg["aug"], cfg["train"], cfg["distill"]
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0) or (d["no_mixup_drw"] and d["drw_epoch"] == 0):
+        return
+    why = ("mixup/cutmix (aug.mixup, aug.cutmix) mix pairs of images and drop an odd batch's "
+           "last image, which leaves this batch empty")
+    if images < 2:
+        raise ConfigError(f"the training set gives each process {images} image per epoch; {why}: "
+                          f"use at least 2 training images per process, or aug.mixup=0 aug.cutmix=0")
+    if t["batch_size"] == 1:
+        raise ConfigError(f"train.batch_size=1: every batch holds one image; {why}: use "
+                          f"train.batch_size >= 2, or aug.mixup=0 aug.cutmix=0")
+    last = images - (num_batches - 1) * t["batch_size"]
+    used = min(num_batches, loop.steps_per_epoch(num_batches, accum, t["max_steps_per_epoch"]) * accum)
+    if last == 1 and used == num_batches:
+        raise ConfigError(f"each epoch's last batch holds one image ({images} training images per "
+                          f"process, train.batch_size={t['batch_size']}); {why}: set "
+                          f"train.drop_last=true or another train.batch_size")
+
+
 def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The CLS head's loss: soft-target CE on the mixed (label-smoothed) targets; without mixup
     and cutmix plain, optionally class-weighted, CE, as the reference (docs/recipe.md section 2:
@@ -255,23 +279,6 @@ def print_schedule(cfg: dict) -> None:
         drw = drw_active(epoch, d["drw_epoch"])
         print(json.dumps({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "drw": drw,
                           "mixup": mixup and not (drw and d["no_mixup_drw"])}))
-
-
-def teacher_class_map(cfg: dict, info: dict, dataset, accelerator) -> list | None:
-    """Mapping teacher label -> student label, or None; decided explicitly, never silently."""
-    mode, student_map, teacher_map = cfg["distill"]["map_targets"], dataset.class_map, info.get("class_map")
-    if mode == "no" or student_map is None and teacher_map is None:
-        return None
-    if mode == "yes" or (teacher_map is None and student_map is not None):
-        accelerator.print(f"teacher predictions are mapped through the data's class map "
-                          f"(teacher trained on original labels; distill.map_targets={mode})")
-        return list(student_map)
-    if teacher_map == student_map:
-        return None
-    raise CheckpointError(
-        f"the teacher's label order (class map stored in {cfg['distill']['teacher_ckpt']}) differs "
-        f"from the student's data: it was trained on other data or another class order. Use a "
-        f"teacher trained on this data, or distill.map_targets=yes/no to say how its labels map")
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
@@ -372,66 +379,6 @@ def check_sharding(accelerator, tcfg: dict) -> None:
                           "train.model_ema=false with FSDP1")
 
 
-def check_teacher_weights(teacher: nn.Module, source: str) -> None:
-    bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"teacher {source} has non-finite weights ({len(bad)} tensors: "
-                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): it cannot teach")
-
-
-def read_teacher_file(cfg: dict) -> tuple[nn.Module, dict] | None:
-    """A teacher given by file (``distill.teacher_ckpt`` without ``teacher_model``), read and
-    checked before any data is built: a bad file (unsafe, damaged, non-finite weights, a stored
-    input size out of range) stops the run at once. None for other teachers (by name, they
-    need the data's class count) or without distillation."""
-    dcfg = cfg["distill"]
-    if dcfg["type"] == "none" or dcfg["teacher_model"]:
-        return None
-    teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
-    check_teacher_weights(teacher, dcfg["teacher_ckpt"])
-    teacher_input_size(tinfo, 0)  # the stored size's checks (the value is resolved later)
-    return teacher, tinfo
-
-
-def load_distillation_teacher(cfg: dict, dataset, student_size: int, accelerator,
-                              preloaded: tuple[nn.Module, dict] | None = None) -> dict:
-    """The teacher of ``distill`` and what the loss needs to call it: ``{"teacher", "class_map",
-    "input_size", "renormalize"}`` (all None without a teacher). ``preloaded``: what
-    ``read_teacher_file`` returned.
-
-    The teacher is not prepared (never wrapped or sharded): DistillationLoss freezes it (eval
-    mode, no gradients) and makes it channels-last.
-    """
-    dcfg = cfg["distill"]
-    if dcfg["type"] == "none":
-        return {"teacher": None, "class_map": None, "input_size": None, "renormalize": None}
-    source = dcfg["teacher_ckpt"] or f"timm's pretrained {dcfg['teacher_model']}"
-    if preloaded is not None:
-        teacher, tinfo = preloaded
-    elif dcfg["teacher_model"]:  # by name: timm's / torchvision's own weights, or timm's pretrained
-        teacher, tinfo = load_named_teacher(dcfg["teacher_model"], dataset.num_classes,
-                                            dcfg["teacher_ckpt"], dcfg["teacher_pretrained"])
-        check_teacher_weights(teacher, source)
-    else:
-        teacher, tinfo = load_teacher(dcfg["teacher_ckpt"])
-        check_teacher_weights(teacher, source)
-    t_classes = tinfo["arch"]["num_classes"]
-    if t_classes != dataset.num_classes:
-        raise CheckpointError(f"teacher {source} predicts {t_classes} classes but the data has "
-                              f"{dataset.num_classes}")
-    class_map = teacher_class_map(cfg, tinfo, dataset, accelerator)
-    # before folding: the folded copy no longer carries timm's pretrained_cfg
-    renormalize = teacher_renormalization(dcfg["teacher_normalize"], cfg["aug"]["normalize"], teacher, tinfo)
-    if dcfg["fold_bn"]:
-        teacher, folded = fold_batchnorm(teacher)
-        accelerator.print(f"teacher: {folded} BatchNorm layers folded into the layer before them")
-    t_size = dcfg["teacher_input_size"] or teacher_input_size(tinfo, student_size)
-    accelerator.print(f"teacher {tinfo['arch']} ({tinfo['format']} checkpoint), input {t_size}"
-                      + (f", re-normalised {renormalize}" if renormalize else ""))
-    return {"teacher": teacher.to(accelerator.device), "class_map": class_map, "input_size": t_size,
-            "renormalize": renormalize}
-
-
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg, dcfg = cfg["train"], cfg["distill"]
@@ -448,6 +395,7 @@ def main(cfg: dict) -> dict:
         loop.build_loaders(cfg, accelerator)
     feed = build_device_feed(cfg["aug"], accelerator.device)  # uint8 batches -> normalised, erased
     num_classes = dataset_train.num_classes
+    check_mixup_batches(cfg, len(sampler), len(data_loader_train), accum)
     accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"peak lr {peak_lr:.3e}"))
 
     # ------------------------------------------------------------------ model

@@ -184,6 +184,24 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
+def check_label_spread(labels: np.ndarray, where) -> int:
+    """The class count of integer labels taken as class indices (max + 1), after refusing a
+    largest label far beyond the number of distinct labels (more than 10 x distinct + 1000):
+    one stray label of 1e9 would otherwise make a billion classes (and their names) before
+    anything is said. ``where(row)`` names a row for the message (a file and line, a split
+    and row)."""
+    if not len(labels):
+        return 0
+    top = max(int(labels.max()), -1)
+    distinct = len(np.unique(labels))
+    if top + 1 > 10 * distinct + 1000:
+        row = int(np.argmax(labels))
+        raise DataError(f"{where(row)} has label {top}, far beyond the {distinct} distinct labels of "
+                        f"the split: integer labels are class indices 0..C-1; fix or renumber them "
+                        f"(or store the labels as strings, which are mapped to indices)")
+    return top + 1
+
+
 def _names_from_paths(paths: list[str], labels: np.ndarray, num_classes: int) -> list[str]:
     """Class i's name: the parent folder of its first training file (an ImageNet wnid, an
     iNaturalist category id), or ``str(i)`` where there is none."""
@@ -208,7 +226,7 @@ def load_split_files(cfg: dict) -> RawSource:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root is not a folder: {root}")
     train_paths, train_labels = read_split_file(cfg["train_list"])
-    num_classes = max(int(train_labels.max()) + 1, 0)
+    num_classes = check_label_spread(train_labels, lambda row: f"{cfg['train_list']}: {train_paths[row]}")
     class_names = _names_from_paths(train_paths, train_labels, num_classes)
     splits = {"train": (cfg["train_list"], train_paths, train_labels)}
     if cfg.get("val_list") is not None:
@@ -298,7 +316,8 @@ def load_hf(cfg: dict) -> RawSource:
         class_names = list(feature.names)
         to_index = None
     elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in train_values[:1000]):
-        num_classes = int(max(train_values)) + 1 if len(train_values) else 0
+        num_classes = check_label_spread(np.asarray(train_values, dtype=np.int64), lambda row: (
+            f"row {row} of split {cfg['train_split']!r} of {description}"))
         class_names = [str(i) for i in range(num_classes)]
         to_index = None
     else:

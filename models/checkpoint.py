@@ -60,7 +60,7 @@ import torch.nn as nn
 from errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 from models.paco import paco_to_teacher_state_dict, split_paco_state_dict
 from errors import ConfigError
-from models.safe_load import load_state_dict_strict, safe_load, strip_wrapper_prefixes
+from models.safe_load import check_float_dtypes, load_state_dict_strict, safe_load, strip_wrapper_prefixes
 from models.student import DistilledStudent, build_student, parse_student_name, student_arch
 from models.teacher import build_teacher, classifier_name_of
 from utils import atomic_write_bytes, to_plain
@@ -139,7 +139,9 @@ def infer_student_arch(state_dict: Mapping[str, torch.Tensor], name: str,
         defaults = parse_student_name(name)
         if defaults is None:
             raise CheckpointError(f"cannot tell the number of attention heads of {name!r} from the "
-                             f"weights; pass num_heads")
+                                  f"weights (a bare state dict, or a reference file whose args.model "
+                                  f"is no timm DeiT name); the project's checkpoint.pth / .safetensors "
+                                  f"store the arch (load_student(num_heads=...) in Python)")
         num_heads = defaults["num_heads"]
     return student_arch(name, num_classes=state_dict["head.weight"].shape[0],
                         img_size=grid * int(patch[0]), patch_size=int(patch[0]),
@@ -467,14 +469,37 @@ def read_safetensors(path: str | os.PathLike) -> dict:
     return payload
 
 
+RUN_CHECKPOINTS = ("checkpoint.pth", "best_checkpoint.pth", "checkpoint.safetensors",
+                   "best_checkpoint.safetensors")
+
+
+def check_not_resume_state(path: str | os.PathLike) -> None:
+    """CheckpointError for a file inside a run's resume state (``<run>/state/``, marked by
+    its ``progress.json``; engine/run_folder.py): accelerate's bare weights there carry no arch
+    or config, so the readers would only fail on a detail; the message names the run's
+    checkpoints to use instead."""
+    folder = os.path.dirname(os.fspath(path)) or "."
+    if not os.path.isfile(os.path.join(folder, "progress.json")):
+        return
+    run = os.path.dirname(os.path.normpath(folder)) or "."
+    found = [os.path.join(run, n) for n in RUN_CHECKPOINTS if os.path.isfile(os.path.join(run, n))]
+    use = (f"use {' or '.join(found)}" if found else
+           f"use {os.path.join(run, 'checkpoint.pth')} (or best_checkpoint.pth / the .safetensors "
+           f"beside it) once the run has written one")
+    raise CheckpointError(f"{os.fspath(path)} is part of the run's resume state (its state/ folder, "
+                          f"read only to resume training), not a checkpoint: {use}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The content of a checkpoint file: ``read_safetensors`` for a ``.safetensors`` path,
     ``safe_load`` (``weights_only=True`` plus the allow-list) for anything else; a hub id or
-    folder in timm's hub layout (``hf-hub:``, ``local-dir:``) is read by ``models.hub``."""
+    folder in timm's hub layout (``hf-hub:``, ``local-dir:``) is read by ``models.hub``. A file
+    of a run's resume state is refused (``check_not_resume_state``)."""
     from models.hub import is_hub_source, read_source
 
     if is_hub_source(path):
         return read_source(path)
+    check_not_resume_state(path)
     if is_safetensors_path(path):
         return read_safetensors(path)
     return safe_load(path)
@@ -610,6 +635,7 @@ def _partial_load(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
     Any other shape difference is a CheckpointMismatchError naming keys and shapes.
     """
     own = model.state_dict()
+    check_float_dtypes(own, state, source)
 
     def shape_differs(k: str) -> bool:
         return k in own and tuple(own[k].shape) != tuple(state[k].shape)

@@ -7,7 +7,8 @@ Two reference bugs are fixed here (docs/recipe.md, "Reference bugs we do not rep
   from a downloaded file. ``safe_load`` keeps ``weights_only=True`` and allow-lists only
   those few plain types; any other global is refused before anything runs.
 * the reference resumes and evaluates with ``strict=False``. ``load_state_dict_strict``
-  refuses any mismatch and names the missing and unexpected keys and the shape mismatches.
+  refuses any mismatch and names the missing and unexpected keys and the shape mismatches,
+  and integer tensors where the model has float weights (``check_float_dtypes``).
 
 ``strip_prefix`` removes wrapper prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``).
 """
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
-__all__ = ["safe_load", "check_torch_file", "load_state_dict_strict", "strip_prefix",
+__all__ = ["safe_load", "check_torch_file", "load_state_dict_strict", "check_float_dtypes", "strip_prefix",
            "strip_wrapper_prefixes", "UnsafeCheckpointError", "CheckpointMismatchError"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
@@ -174,6 +175,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     or a wrong architecture is visible instead of silently evaluating random weights.
     """
     expected = model.state_dict()
+    check_float_dtypes(expected, state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -189,6 +191,23 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             message += _listing("shape mismatches", shapes)
         raise CheckpointMismatchError(message)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_float_dtypes(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, Any],
+                       source: str = "checkpoint") -> None:
+    """CheckpointMismatchError (one line naming ``source`` and a tensor) where the model holds
+    floating-point weights and the file an integer or bool tensor: ``load_state_dict`` would
+    silently cast it back, so weights truncated to integers (mostly zeros) would evaluate or
+    teach without a word. Another float dtype (fp16, bf16) is fine: it is converted."""
+    bad = [k for k, v in expected.items()
+           if v.is_floating_point() and isinstance(state_dict.get(k), torch.Tensor)
+           and not state_dict[k].is_floating_point()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointMismatchError(
+            f"{source}: tensor {bad[0]}{more} stored as {state_dict[bad[0]].dtype} where the model "
+            f"has floating-point weights ({expected[bad[0]].dtype}): weights cast to integers are "
+            f"not usable; export the file again from the float weights")
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict:
