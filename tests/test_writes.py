@@ -60,7 +60,7 @@ def test_a_killed_runs_forked_workers_do_not_hold_its_lock(tmp_path):
         class Accelerator:
             is_main_process, num_processes = True, 1
 
-        FolderLock(Accelerator(), {str(tmp_path)!r})
+        lock = FolderLock(Accelerator(), {str(tmp_path)!r})  # held, as the scripts hold it
         child = os.fork()
         if child == 0:  # the worker: lives on after its parent is killed
             devnull = os.open(os.devnull, os.O_WRONLY)
