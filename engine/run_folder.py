@@ -390,15 +390,14 @@ def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoin
                                 for k, d in metrics.items()} if metrics else None
     payload = checkpoint_fn(metrics or {})  # on every process: gathering may be collective
     if accelerator.is_main_process:
-        cfg, epoch = progress["config"], record["epoch"]
+        cfg, epoch, best = progress["config"], record["epoch"], Path(out) / "best_checkpoint"
         choice = cfg["train"].get("checkpoint_formats", "auto")
         final = epoch + 1 >= cfg["train"]["epochs"]
-        written = 0
-        if is_best:
-            written += save_checkpoint(payload, Path(out) / "best_checkpoint", checkpoint_formats(choice, True))
-        if state_due(cfg, epoch):  # the same files as the best's: hard links, nothing written
-            written += save_checkpoint(payload, Path(out) / "checkpoint", checkpoint_formats(choice, final or is_best),
-                                       same_as=Path(out) / "best_checkpoint" if is_best else None)
+        written = save_checkpoint(payload, best, checkpoint_formats(choice, True)) if is_best else 0
+        if state_due(cfg, epoch):  # a best epoch's: hard links to the best's files, no bytes
+            written += save_checkpoint(payload, Path(out) / "checkpoint",
+                                       checkpoint_formats(choice, final or is_best),
+                                       same_as=best if is_best else None)
         if metrics is not None:
             record.update({f"{h}_{k}": metrics[h][k] for h in metrics
                            for k in ("top1", "top5", "head", "mid", "tail")})

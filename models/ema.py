@@ -14,8 +14,8 @@ with ``decay`` per optimiser step (timm's training script).
 
 Saved with the resume state as safetensors, never pickled: reading a run folder back runs
 no code. One file (``model_ema_0``, written by the main process) when every process holds the
-whole EMA (one process, DDP); one per process under FSDP2 (its shards). ``full_state_dict()`` gathers DTensor shards
-(a collective) for the portable checkpoint.
+whole EMA (one process, DDP); one per process under FSDP2 (its shards). ``full_state_dict()``
+gathers DTensor shards (a collective) for the portable checkpoint.
 """
 from __future__ import annotations
 
