@@ -163,6 +163,30 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_the_old_file(tmp_pat
         append_json_line(tmp_path / "log.txt", {"epoch": 0})
 
 
+def test_a_full_disk_while_saving_the_resume_state_names_it(tmp_path, monkeypatch):
+    """accelerate's save_state: torch's writer to a file name raises a RuntimeError without the
+    errno; a (nearly) full filesystem at that moment says what happened."""
+    import shutil
+    from collections import namedtuple
+
+    from engine.run_folder import save_training_state
+    from errors import DiskFullError
+
+    class Saving(Accelerator):
+        def save_state(self, folder, **kwargs):
+            Path(folder).mkdir()
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                               "writing file data/0: file write failed")
+
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):  # space left: not a full disk
+        save_training_state(Saving(), tmp_path, {"epoch": 1, "step": 0})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(DiskFullError, match="state.new: no space left on the device"):
+        save_training_state(Saving(), tmp_path, {"epoch": 1, "step": 0})
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_pending_epochs_log_line_is_dropped_on_resume(tmp_path):
     """An epoch trained and saved whose checkpoints failed after its log line: the rerun
     finishes it and logs it again, so the resume drops the line (logged once)."""
