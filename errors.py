@@ -43,6 +43,11 @@ class RunFolderError(ProjectError, RuntimeError):
     """The output folder holds a run that cannot be continued with this config."""
 
 
+class DiskFullError(ProjectError, OSError):
+    """A write ran out of disk space or quota; the message names the file. Nothing
+    half-written is left under the file's name."""
+
+
 class NonFiniteLossError(ProjectError, RuntimeError):
     """A loss term became NaN or infinite; the last saved state is intact."""
 

@@ -490,7 +490,8 @@ def main(cfg: dict) -> dict:
             return {"preempted": True}
         record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
                   **{f"train_{k}": v for k, v in stats.items()}}
-        save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
+        if run_folder.state_due(cfg, epoch):  # train.save_every_epochs
+            save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
         metrics = finish_epoch(record)
     accelerator.print(f"done: best {heads[-1]} top-1 {run_state['best']} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from errors import ConfigError, ProjectError
+from errors import ConfigError, DiskFullError, ProjectError
 
 
 class Nullable:
@@ -400,10 +400,44 @@ def save_config(cfg: dict, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull")
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or one it was raised from or during) says the disk or quota is full.
+    torch's writer reports a failed write as a RuntimeError ("unexpected pos ...") raised while
+    handling the file's OSError; safetensors' writer puts the OS message in its own."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _DISK_FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, error: BaseException | None = None) -> DiskFullError:
+    """The one line a write that ran out of space ends with, naming ``path``."""
+    import shutil
+
+    try:
+        free = f", {shutil.disk_usage(Path(path).parent).free / 1e6:.0f} MB free now"
+    except OSError:
+        free = ""
+    return DiskFullError(f"{path}: no space left on the device while writing it{free} (the "
+                         f"previous complete files are kept); free some space and rerun the same "
+                         f"command to resume")
+
+
+def _atomic_write(path: str | os.PathLike, write) -> int:
     """Write through ``write(binary_file)`` to a temporary file in the same folder, fsync, then
     rename over ``path``: a kill at any moment leaves either the old complete file or the new
-    complete one, never a truncated file under the final name (timm's habit, plus fsync)."""
+    complete one, never a truncated file under the final name (timm's habit, plus fsync).
+    Returns the bytes written. A full disk is a DiskFullError naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -412,34 +446,61 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
+        return size
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):
+            raise disk_full_error(path) from None
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | os.PathLike, text: str) -> int:
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> int:
+    return _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically (see ``_atomic_write``)."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> int:
+    """``torch.save`` atomically (see ``_atomic_write``); the bytes written."""
     import torch
 
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Make ``path`` a hard link to ``source`` (a temporary name, then a rename: atomic like
+    the writes); False where that cannot be done (no file, no hard links on the filesystem).
+    Safe because files are only ever replaced, never rewritten in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    if os.path.lexists(tmp):  # rename(2) keeps both when they already named one file
+        os.unlink(tmp)
+    return True
 
 
 def append_json_line(path: str | os.PathLike, record: dict) -> None:
     """One JSON object per line, DeiT's ``log.txt`` habit."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+    except OSError as e:
+        if disk_full(e):
+            raise disk_full_error(path) from None
+        raise
 
 
 def to_plain(obj: Any) -> Any:

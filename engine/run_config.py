@@ -27,6 +27,13 @@ RUN_SPEC = {
     "max_steps_per_epoch": (None, "cap on optimiser steps per epoch (quick runs); null: all", int),
     "save_every_steps": (0, "also save the resume state every N steps inside an epoch (0: only "
                          "at epoch ends)"),
+    "save_every_epochs": (1, "save the resume state and checkpoint.* every N epochs (and after "
+                          "the last; best_checkpoint.* whenever the top-1 improves): fewer writes, "
+                          "more epochs redone after a crash"),
+    "checkpoint_formats": ("auto", "portable checkpoint files: 'auto': .pth and .safetensors for the "
+                           "best and last epochs, .pth alone for the others (the resume state holds "
+                           "the same weights); 'pth', 'safetensors' or 'both' for every one",
+                           ("auto", "pth", "safetensors", "both")),
     "mixed_precision": (None, "'bf16', 'fp16' or 'no'; null: as accelerate launch says",
                         ("no", "fp16", "bf16")),
     "eval_every": (1, "evaluate every N epochs (and always after the last)"),
@@ -65,6 +72,7 @@ def validate_run(cfg: dict) -> None:
     check(t["accum_steps"] >= 1, "train.accum_steps", "must be >= 1")
     check(t["eval_every"] >= 1, "train.eval_every", "must be >= 1")
     check(t["save_every_steps"] >= 0, "train.save_every_steps", "must be >= 0")
+    check(t["save_every_epochs"] >= 1, "train.save_every_epochs", "must be >= 1")
     check(t["max_steps_per_epoch"] is None or t["max_steps_per_epoch"] >= 1, "train.max_steps_per_epoch",
           f"must be >= 1 (null: every step of the epoch), got {t['max_steps_per_epoch']}")
     check(t["eval_batch_size"] is None or t["eval_batch_size"] >= 1, "train.eval_batch_size",

@@ -1,11 +1,12 @@
 """The run folder (``train.output_dir``): resume decision, state saves, log, checkpoints.
 
 Layout: ``config.yaml`` (the resolved config), ``log.txt`` (one JSON line per epoch, DeiT's
-habit), ``checkpoint.pth`` / ``best_checkpoint.pth`` (portable, ``models.checkpoint``), and
-``state/`` (accelerate's ``save_state``: model, optimizer, EMA, scaler; plus ``progress.json``,
-written last, which marks the state complete). Every write is atomic; a kill at any moment
-leaves the previous complete state loadable. ``Preemption`` turns SIGTERM into a save at the
-next optimiser step.
+habit, with the megabytes the epoch wrote as ``saved_mb``), ``checkpoint`` / ``best_checkpoint``
+``.pth`` / ``.safetensors`` (portable, ``models.checkpoint``; ``train.checkpoint_formats``
+says which), and ``state/`` (accelerate's ``save_state``: model, optimizer, scaler; the EMA;
+plus ``progress.json``, written last, which marks the state complete). Every write is atomic;
+a kill at any moment leaves the previous complete state loadable; a full disk ends the run with
+one line naming the file. ``Preemption`` turns SIGTERM into a save at the next optimiser step.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from errors import RunFolderError
-from models.checkpoint import write_safetensors
-from utils import append_json_line, atomic_torch_save, atomic_write_text, save_config, split_spec
+from errors import CheckpointError, RunFolderError
+from models.checkpoint import save_checkpoint
+from utils import append_json_line, atomic_write_text, disk_full, disk_full_error, save_config, split_spec
 
 STATE_DIR = "state"  # accelerate save_state folder: model, optimizer, scheduler, EMA, scaler
 PROGRESS_FILE = "progress.json"  # written last inside the state folder: marks it complete
 RESUME_FREE_KEYS = {"train.epochs", "train.resume", "train.output_dir", "data.num_workers",
-                    "log.progress", "log.print_every", "log.trackers", "train.save_every_steps"}
+                    "log.progress", "log.print_every", "log.trackers", "train.save_every_steps",
+                    "train.save_every_epochs", "train.checkpoint_formats"}
 
 
 def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS, defaults: dict | None = None) -> list[str]:
@@ -45,7 +47,8 @@ def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS, defaults: 
     return diffs
 
 
-RUN_FILES = ("config.yaml", "log.txt", "checkpoint.pth", "best_checkpoint.pth")  # a run's artefacts
+RUN_FILES = ("config.yaml", "log.txt", "checkpoint.pth", "best_checkpoint.pth",  # a run's artefacts
+             "checkpoint.safetensors", "best_checkpoint.safetensors")
 LOCK_FILE = ".lock"
 
 
@@ -118,11 +121,19 @@ def find_resume_state(output_dir, cfg: dict, defaults: dict | None = None) -> Pa
 
 
 class FolderLock:
-    """An OS lock (``flock``) on ``<output_dir>/.lock`` held by the main process for the run's
-    lifetime: a second run on the same folder is refused, naming the folder and the process
-    that holds it. The lock goes with the process (also when it is killed)."""
+    """A POSIX record lock (``fcntl.lockf``) on ``<output_dir>/.lock`` held by the main process
+    for the run's lifetime: a second run on the same folder is refused, naming the folder and
+    the process that holds it.
+
+    A record lock belongs to the process, not to the open file: forked data-loader workers do
+    not inherit it, and it goes with the main process when that is killed, so a run killed with
+    SIGKILL restarts at once even while its orphaned workers are still exiting (an ``flock``
+    would stay held by them). Where the filesystem has no locks (Lustre without ``-o flock``,
+    some NFS set-ups), a warning says the folder is unprotected and the run goes on.
+    """
 
     def __init__(self, accelerator, output_dir) -> None:
+        import errno
         import fcntl
 
         from accelerate.utils import broadcast_object_list
@@ -134,18 +145,26 @@ class FolderLock:
             out.mkdir(parents=True, exist_ok=True)
             handle = open(out / LOCK_FILE, "a+")
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    handle.close()
+                    message[0] = (f"{out} is in use by another run (process {holder}); wait for "
+                                  f"it to finish or choose another train.output_dir")
+                else:
+                    accelerator.print(f"warning: {out / LOCK_FILE}: this filesystem does not support "
+                                      f"file locks ({e.strerror}); a second run on the same "
+                                      f"train.output_dir would not be stopped")
+            if message[0] is None:
+                # never closed before release(): closing any descriptor of the file would
+                # drop this process's record lock
                 handle.seek(0)
                 handle.truncate()
                 handle.write(f"{os.getpid()}\n")
                 handle.flush()
                 self.handle = handle
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                handle.close()
-                message[0] = (f"{out} is in use by another run (process {holder}); wait for it to "
-                              f"finish or choose another train.output_dir")
         if accelerator.num_processes > 1:
             broadcast_object_list(message)
         if message[0]:
@@ -177,24 +196,51 @@ def open_run_folder(accelerator, output_dir, cfg: dict, spec: dict | None = None
     return lock, find_resume_state(output_dir, cfg, defaults=defaults)
 
 
+_WRITTEN = {"bytes": 0}  # bytes the main process saw written since the last log record
+
+
+def state_due(cfg: dict, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with a resume state and ``checkpoint.*``:
+    every ``train.save_every_epochs`` epochs, and always after the last one."""
+    t = cfg["train"]
+    return (epoch + 1) % t.get("save_every_epochs", 1) == 0 or epoch + 1 >= t["epochs"]
+
+
+def _nearly_full(path: Path) -> bool:
+    """Whether the filesystem of ``path`` has (almost) no space left: torch's writer to a file
+    name reports a full disk as a RuntimeError that carries no errno."""
+    try:
+        usage = shutil.disk_usage(path if path.exists() else path.parent)
+    except OSError:
+        return False
+    return usage.free < min(100e6, 0.01 * usage.total)
+
+
 def save_training_state(accelerator, output_dir, progress: dict, model_ema=None) -> None:
     """``accelerator.save_state`` into a fresh folder, then swap it in by renames.
 
     The progress file is written last, so a folder without it is known to be incomplete; the
-    previous complete state stays on disk until the new one is in place.
+    previous complete state stays on disk until the new one is in place. A full disk is one
+    line naming the folder (the partial ``state.new/`` is removed at the next start).
     """
     out = Path(output_dir)
     new, cur, old = out / (STATE_DIR + ".new"), out / STATE_DIR, out / (STATE_DIR + ".old")
     if accelerator.is_main_process and new.exists():
         shutil.rmtree(new)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(new), safe_serialization=True)
-    if model_ema is not None:  # safetensors, one file per process (its shards)
-        model_ema.save(new, accelerator.process_index)
+    try:
+        accelerator.save_state(str(new), safe_serialization=True)
+        if model_ema is not None:  # safetensors: one file, or one per process under FSDP2
+            model_ema.save(new, accelerator.process_index)
+    except (OSError, RuntimeError) as e:
+        if disk_full(e) or _nearly_full(new):
+            raise disk_full_error(new) from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fault("kill_before_progress")  # test hook: a kill while the state is being written
         atomic_write_text(new / PROGRESS_FILE, json.dumps(progress))
+        _WRITTEN["bytes"] += sum(f.stat().st_size for f in new.rglob("*") if f.is_file())
         if old.exists():
             shutil.rmtree(old)
         if cur.exists():
@@ -257,9 +303,12 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
     if model_ema is not None:
         try:
             model_ema.load(state_dir, accelerator.process_index)
-        except (OSError, KeyError) as e:
-            raise RunFolderError(f"{state_dir}: no usable EMA state ({e}); it was saved by an older "
-                                 f"version or damaged: start a new train.output_dir") from None
+        except (OSError, KeyError, CheckpointError) as e:
+            raise RunFolderError(f"no usable EMA state: {e}; restore the folder or start a new "
+                                 f"train.output_dir") from None
+    # An epoch trained but not finished (its evaluation, checkpoints or log line were cut
+    # short, e.g. by a full disk) is logged again when it is finished: drop its line.
+    done = progress["pending"]["epoch"] if isinstance(progress.get("pending"), dict) else progress["epoch"]
     log = Path(output_dir) / "log.txt"
     if accelerator.is_main_process and log.is_file():
         kept = []
@@ -272,7 +321,7 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
             except (ValueError, KeyError, TypeError):  # a line cut by a kill, or edited
                 accelerator.print(f"warning: {log}:{number} is not a log record; dropped")
                 continue
-            if epoch < progress["epoch"]:
+            if epoch < done:
                 kept.append(line)
         atomic_write_text(log, "".join(line + "\n" for line in kept))
     accelerator.wait_for_everyone()
@@ -282,10 +331,14 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
 def mark_epoch_finished(accelerator, output_dir, progress: dict) -> None:
     """After an epoch's evaluation, log line and checkpoints: rewrite the state's progress
     file without the ``pending`` record (the state itself was saved before the evaluation,
-    so an evaluation that fails never costs the epoch's training)."""
+    so an evaluation that fails never costs the epoch's training). A state of an earlier
+    epoch (``train.save_every_epochs``) is left as it is."""
     progress.pop("pending", None)
     if accelerator.is_main_process:
-        atomic_write_text(Path(output_dir) / STATE_DIR / PROGRESS_FILE, json.dumps(progress))
+        path = Path(output_dir) / STATE_DIR / PROGRESS_FILE
+        pending = json.loads(path.read_text()).get("pending") if path.is_file() else None
+        if isinstance(pending, dict) and pending.get("epoch") == progress["epoch"] - 1:
+            atomic_write_text(path, json.dumps(progress))
     accelerator.wait_for_everyone()
 
 
@@ -312,12 +365,23 @@ class Preemption:
         return bool(flag.item() > 0)
 
 
+def checkpoint_formats(choice: str, important: bool) -> tuple[str, ...]:
+    """The formats ``train.checkpoint_formats`` gives a checkpoint: 'auto' writes both for a
+    best or final epoch's and only .pth for the others (the resume state holds the same
+    weights every epoch; a second copy would double the epoch's writes)."""
+    if choice == "auto":
+        return ("pth", "safetensors") if important else ("pth",)
+    return ("pth", "safetensors") if choice == "both" else (choice,)
+
+
 def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoint_fn,
               key: str) -> bool:
-    """Log one JSON line, write checkpoint.pth (and best_checkpoint.pth); True if best.
+    """Write ``checkpoint.*`` (when ``state_due``) and ``best_checkpoint.*``, then log one JSON
+    line, with the megabytes the epoch wrote as ``saved_mb``; True if best.
 
     ``key`` names the metrics entry whose top-1 picks the best checkpoint ('avg' for
-    students). Only the main process writes; every write is atomic.
+    students). Only the main process writes; every write is atomic; the log line comes last,
+    so an epoch is logged once its files are complete. ``progress['config']`` is the run's.
     """
     is_best = metrics is not None and (progress["best"] is None or metrics[key]["top1"] > progress["best"])
     if is_best:
@@ -326,25 +390,34 @@ def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoin
                                 for k, d in metrics.items()} if metrics else None
     payload = checkpoint_fn(metrics or {})  # on every process: gathering may be collective
     if accelerator.is_main_process:
+        cfg, epoch, best = progress["config"], record["epoch"], Path(out) / "best_checkpoint"
+        choice = cfg["train"].get("checkpoint_formats", "auto")
+        final = epoch + 1 >= cfg["train"]["epochs"]
+        written = save_checkpoint(payload, best, checkpoint_formats(choice, True)) if is_best else 0
+        if state_due(cfg, epoch):  # a best epoch's: hard links to the best's files, no bytes
+            written += save_checkpoint(payload, Path(out) / "checkpoint",
+                                       checkpoint_formats(choice, final or is_best),
+                                       same_as=best if is_best else None)
         if metrics is not None:
             record.update({f"{h}_{k}": metrics[h][k] for h in metrics
                            for k in ("top1", "top5", "head", "mid", "tail")})
+        record["saved_mb"] = round((_WRITTEN["bytes"] + written) / 1e6, 1)
+        _WRITTEN["bytes"] = 0
         append_json_line(Path(out) / "log.txt", record)
-        for name in ("checkpoint", "best_checkpoint") if is_best else ("checkpoint",):
-            atomic_torch_save(payload, Path(out) / f"{name}.pth")
-            write_safetensors(payload, Path(out) / f"{name}.safetensors")  # weights only, no pickle
     return is_best
 
 
 def plot_best_per_class(accelerator, output_dir, dataset) -> None:
     """``per_class_accuracy.png`` of the best checkpoint's metrics (the plot evaluate.py
     draws): a run's folder shows its heads' experts at a glance. Main process only."""
-    path = Path(output_dir) / "best_checkpoint.pth"
-    if not accelerator.is_main_process or not path.is_file():
+    found = [p for p in (Path(output_dir) / f"best_checkpoint.{f}" for f in ("pth", "safetensors"))
+             if p.is_file()]
+    if not accelerator.is_main_process or not found:
         return
     import analysis
+    from models.checkpoint import read_checkpoint
 
-    metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics") or {}
+    metrics = read_checkpoint(found[0]).get("metrics") or {}
     per_class = {k: v["per_class"] for k, v in metrics.items()
                  if isinstance(v, dict) and "per_class" in v and not k.startswith("ema_")}
     if per_class:

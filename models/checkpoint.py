@@ -110,6 +110,29 @@ def make_checkpoint(kind: str, arch: dict, model_state: Mapping[str, torch.Tenso
     }
 
 
+CHECKPOINT_FORMATS = ("pth", "safetensors")
+
+
+def save_checkpoint(payload: Mapping[str, Any], stem: str | os.PathLike, formats: Sequence[str],
+                    same_as: str | os.PathLike | None = None) -> int:
+    """Write ``<stem>.pth`` (``torch.save``) and / or ``<stem>.safetensors`` (``write_safetensors``),
+    the ``formats``, atomically; the other format's file, if any, is removed (it would hold
+    an older epoch). ``same_as``: the stem of files just written from the same payload, hard-
+    linked instead of written again where the filesystem allows. Returns the bytes written.
+    """
+    from utils import atomic_link, atomic_torch_save
+
+    stem, written = os.fspath(stem), 0
+    for fmt in CHECKPOINT_FORMATS:
+        path = f"{stem}.{fmt}"
+        if fmt not in formats:
+            if os.path.lexists(path):
+                os.unlink(path)
+        elif not (same_as is not None and atomic_link(f"{os.fspath(same_as)}.{fmt}", path)):
+            written += atomic_torch_save(payload, path) if fmt == "pth" else write_safetensors(payload, path)
+    return written
+
+
 # ----------------------------------------------------------------------------- students
 
 
@@ -402,12 +425,13 @@ def _safetensors_tensors(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> None:
+def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> int:
     """Write a portable checkpoint (``make_checkpoint``'s payload) as one safetensors file.
 
     Weights as tensors (EMA under the ``model_ema.`` prefix), everything else as JSON strings
     in the metadata (see the module docstring). Atomic like ``utils._atomic_write``: written to
-    a temporary file in the same folder, fsynced, then renamed over ``path``.
+    a temporary file in the same folder, fsynced, then renamed over ``path``. Returns the bytes
+    written.
     """
     from safetensors.torch import save
 
@@ -426,7 +450,7 @@ def write_safetensors(payload: Mapping[str, Any], path: str | os.PathLike) -> No
         else:
             metadata[key] = json.dumps(to_plain(value))
     # utils' atomic writer: a temporary file in the same folder, fsync, then rename
-    atomic_write_bytes(path, save(_safetensors_tensors(payload), metadata=metadata))
+    return atomic_write_bytes(path, save(_safetensors_tensors(payload), metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike) -> dict:

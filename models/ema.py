@@ -12,9 +12,10 @@ the step: that is the same as one update per step with decay ``decay ** micro_ba
 which ``update(model, micro_batches)`` does ('micro_batch', the reference). 'step': one update
 with ``decay`` per optimiser step (timm's training script).
 
-Saved with the resume state as safetensors (one file per process: its shards), never
-pickled: reading a run folder back runs no code. ``full_state_dict()`` gathers DTensor shards
-(a collective) for the portable checkpoint.
+Saved with the resume state as safetensors, never pickled: reading a run folder back runs
+no code. One file (``model_ema_0``, written by the main process) when every process holds the
+whole EMA (one process, DDP); one per process under FSDP2 (its shards). ``full_state_dict()``
+gathers DTensor shards (a collective) for the portable checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from errors import CheckpointError
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -64,19 +67,50 @@ class ModelEma:
 
     # ------------------------------------------------------------- resume state (safetensors)
 
-    def save(self, folder: Path, rank: int) -> None:
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds its own shards (FSDP2) rather than the whole EMA."""
+        return any(isinstance(v, DTensor) for v in self.shadow.values())
+
+    def file(self, folder: Path, rank: int) -> Path:
+        """This process's EMA file in a state folder: its shards' ``model_ema_<rank>`` under
+        FSDP2; otherwise the one ``model_ema_0`` that every process reads (the EMA is the same
+        on every process, so only the main process writes it)."""
+        return Path(folder) / f"model_ema_{rank if self.sharded else 0}.safetensors"
+
+    def save(self, folder: Path, rank: int) -> int:
+        """Write this process's EMA file (nothing on ranks > 0 unless sharded); its bytes."""
         from safetensors.torch import save_file
 
-        save_file({k: _local(v).contiguous().cpu() for k, v in self.shadow.items()},
-                  str(Path(folder) / f"model_ema_{rank}.safetensors"))
+        if rank != 0 and not self.sharded:
+            return 0
+        path = self.file(folder, rank)
+        save_file({k: _local(v).contiguous().cpu() for k, v in self.shadow.items()}, str(path))
+        return path.stat().st_size
 
     @torch.no_grad()
     def load(self, folder: Path, rank: int) -> None:
+        """Restore what ``save`` wrote. A file that cannot be read, or whose keys, shapes or
+        dtypes differ from the model's (copy_ would broadcast a one-element tensor silently),
+        is a CheckpointError naming the file (and the tensor)."""
         from safetensors.torch import load_file
 
-        path = Path(folder) / f"model_ema_{rank}.safetensors"
-        saved = load_file(str(path))
+        path = self.file(folder, rank)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        try:
+            saved = load_file(str(path))
+        except Exception as e:  # safetensors' own error types: a truncated or foreign file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from None
         if set(saved) != set(self.shadow):
-            raise KeyError(f"{path}: EMA keys differ from the model's")
+            raise CheckpointError(f"{path}: EMA keys differ from the model's (e.g. "
+                                  f"{sorted(set(saved) ^ set(self.shadow))[:3]})")
+        for key, ema in self.shadow.items():
+            own = _local(ema)
+            if saved[key].shape != own.shape or saved[key].dtype != own.dtype:
+                raise CheckpointError(f"{path}: EMA tensor {key} is {saved[key].dtype} "
+                                      f"{tuple(saved[key].shape)}, the model's is {own.dtype} "
+                                      f"{tuple(own.shape)}")
         for key, ema in self.shadow.items():
             _local(ema).copy_(saved[key])

@@ -41,6 +41,8 @@ def test_fsdp2_student_paths(tmp_path):
     assert r["eval_max_diff"] < 1e-5  # evaluating the sharded model
     assert r["loaded_max_diff"] < 1e-5 and r["loaded_ema_equal"]  # the portable checkpoint
     assert r["ema_same_on_every_rank"]
+    # the resume state keeps each rank's EMA shards (DDP's one EMA file is tested in test_train)
+    assert r["ema_files"] == ["model_ema_0.safetensors", "model_ema_1.safetensors"] and r["ema_restored"]
 
 
 def test_fp16_loss_scaling_with_sam_and_clipping(tiny_data, tmp_path):

@@ -148,19 +148,39 @@ def test_student_trains_evaluates_and_resumes(tiny_data, teacher_ckpt, tmp_path)
 
 
 def test_sigkill_mid_epoch_resume_is_bit_exact(tiny_data, teacher_ckpt, tmp_path):
-    """Killed (SIGKILL) mid-epoch right after a state save, then rerun: same final weights."""
+    """Killed (SIGKILL) mid-epoch right after a state save, with live data-loader workers, then
+    restarted at once: the folder is free while the orphaned workers still exit, and the
+    resumed run ends with the same weights as an uninterrupted one (without workers)."""
+    from engine.run_folder import FolderLock
+
     common = ["train_student.py", *STUDENT_ARGS, f"data.path={tiny_data}",
               f"distill.teacher_ckpt={teacher_ckpt}", "train.save_every_steps=1"]
     clean = tmp_path / "clean"
     run(common + [f"train.output_dir={clean}"])
     killed = tmp_path / "killed"
-    # The 5th save is epoch 1, step 1 (saves: e0s1, e0s2, e0 end, e1s1, e1s2 ...).
-    proc = run(common + [f"train.output_dir={killed}"], check=False,
-               env={"DEIT_LT_FAULT": "kill_after_save:5"})
-    assert proc.returncode == -signal.SIGKILL
+    # The 5th save is epoch 1, step 1 (saves: e0s1, e0s2, e0 end, e1s1, e1s2 ...). Output to a
+    # file, not a pipe, so that the workers' end is not waited for.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *common, f"train.output_dir={killed}", "data.num_workers=2"],
+                                cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "DEIT_LT_FAULT": "kill_after_save:5"})
+        try:
+            assert proc.wait(timeout=600) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+            workers_alive = True
+            try:
+                os.killpg(proc.pid, 0)  # the orphaned data workers, still exiting
+            except ProcessLookupError:
+                workers_alive = False
+            FolderLock(type("Main", (), {"is_main_process": True, "num_processes": 1})(), killed).release()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert workers_alive  # (else the lock check above proved nothing)
     progress = json.loads((killed / "state" / "progress.json").read_text())
     assert (progress["epoch"], progress["step"]) == (1, 2)
-    resumed = run(common + [f"train.output_dir={killed}"])
+    resumed = run(common + [f"train.output_dir={killed}", "data.num_workers=2"])
     assert "at epoch 1 step 2" in resumed.stdout
     a, b = weights(clean / "checkpoint.pth"), weights(killed / "checkpoint.pth")
     assert a.keys() == b.keys()
@@ -227,6 +247,9 @@ def test_two_process_cpu_run(tiny_data, teacher_ckpt, tmp_path):
     assert "processes 2" in proc.stdout  # the world size we asked for, really
     assert proc.stdout.count("done: best avg top-1") == 1
     assert [line["epoch"] for line in log_lines(out)] == [0, 1]  # one writer
+    # the EMA is the same on both processes: saved once; each record says what its epoch wrote
+    assert sorted(p.name for p in (out / "state").glob("model_ema_*")) == ["model_ema_0.safetensors"]
+    assert all(line["saved_mb"] > 0 for line in log_lines(out))
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["metrics"]["avg"]["num_samples"] == sum(COUNTS_TEST)
     # The 2-process evaluation inside training equals a 1-process evaluate.py of the weights.

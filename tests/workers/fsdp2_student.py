@@ -77,6 +77,18 @@ def main(report_path: str) -> None:
     with torch.no_grad():
         out_sharded = student_outputs(model, x)  # evaluation through the sharded model
         out_plain = student_outputs(plain, x)
+    # the resume state's EMA: one file per rank (its shards), read back into a fresh EMA
+    folder = Path(report_path).parent / "ema_state"
+    folder.mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+    ema.save(folder, rank)
+    accelerator.wait_for_everyone()
+    fresh = ModelEma(unwrap(model), decay=0.5)  # the weights, not the EMA, until loaded
+    fresh.load(folder, rank)
+    restored = [None] * world
+    dist.all_gather_object(restored, all(torch.equal(fresh.shadow[k].to_local() if isinstance(v, DTensor) else
+                                                     fresh.shadow[k], v.to_local() if isinstance(v, DTensor) else v)
+                                         for k, v in ema.shadow.items()))
     checksums = [None] * world
     dist.all_gather_object(checksums, [float(v.double().sum()) for v in ema_full.values()])
     report = {
@@ -85,6 +97,8 @@ def main(report_path: str) -> None:
         "ema_is_sharded": all(isinstance(v, DTensor) for k, v in ema.shadow.items() if v.is_floating_point()),
         "eval_max_diff": max((out_sharded[k] - out_plain[k]).abs().max().item() for k in out_plain),
         "ema_same_on_every_rank": all(c == checksums[0] for c in checksums),
+        "ema_files": sorted(p.name for p in folder.iterdir()),
+        "ema_restored": all(restored),
     }
     if rank == 0:  # the full state dict is gathered onto the main process, which writes checkpoints
         ckpt = make_checkpoint("student", arch, full, ema_state=ema_full, epoch=0, config={}, metrics={},
