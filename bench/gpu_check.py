@@ -291,7 +291,10 @@ def env_info(args: argparse.Namespace) -> None:
                                     "multiprocessors": p.multi_processor_count})
         info["bf16_supported"] = torch.cuda.is_bf16_supported()
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
-        info["bf16_matmul"] = matmul_rate()
+        try:
+            info["bf16_matmul"] = matmul_rate()
+        except Exception as exc:  # noqa: BLE001 - a figure, never a reason to skip the steps
+            info["bf16_matmul"] = {"error": f"{type(exc).__name__}: {exc}"}
     else:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:

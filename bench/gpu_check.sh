@@ -40,7 +40,7 @@
 #   bash bench/gpu_check.sh --device-command                  # the command to run on the GPU machine
 #   bash bench/gpu_check.sh --dry-run      # the same steps on CPU, tiny sizes; JSON in
 #                                          # output/gpu_check_dry/gpu_check.json
-#   bash bench/gpu_check.sh --rehearse [--out F]   # on a CPU machine with PyPI: the device command
+#   bash bench/gpu_check.sh --rehearse [--out F] [--budget S]   # on a CPU machine with PyPI: the device command
 #        as closely as this machine allows, about 15 min on 2 cores; exit 0 only if all passed.
 #        Python 3.11 and the local torch (a cp312 torch cannot run here); the image is imitated
 #        by a Python that does not see datasets, dill, multiprocess, xxhash, Pillow or timm; the
@@ -50,8 +50,8 @@
 #        Runs bench/gpu_prepare.sh first when .whl/ is missing. Report: output/gpu_rehearse/rehearse.json
 #
 # --out defaults to $OUT/gpu_check.json when $OUT is set, else bench/results/gpu_check.json.
-# --budget S (default 480 on a GPU, 660 for --dry-run): the whole run's seconds; the caps
-# shrink with it. --data PATH uses a local CIFAR-10 copy in the hub's layout (data.dataset=
+# --budget S (default 480 on a GPU, 720 for --dry-run and --rehearse): the whole run's seconds;
+# the caps scale with it (a loaded CPU machine rehearses with a larger one). --data PATH uses a local CIFAR-10 copy in the hub's layout (data.dataset=
 # cifar10_lt) instead of the generated data. On CPU (--dry-run) accelerate cannot run FSDP and
 # runs fp16 as fp32: those steps run through the DDP path / in fp32, each with a "note".
 # PYTHON=... picks the interpreter (default .venv/bin/python if present, else python3).
@@ -109,7 +109,7 @@ device_command() {
          "PYTHON=$py bash bench/gpu_check.sh --out \$OUT/gpu_check.json --logs-tar \$OUT/gpu_check_logs.tgz${*:+ $*}"
 }
 if [ "$ACTION" = device-command ]; then
-    device_command python3 .whl /tmp/deit_lt_site
+    device_command python3 .whl /tmp/deit_lt/site-packages
     exit 0
 fi
 
@@ -117,17 +117,16 @@ fi
 STEPS=(env data train_step teacher_bf16_ddp teacher_fp16_ddp student_bf16_ddp student_fp16_ddp
        student_bf16_fsdp student_bf16_compile_ddp evaluate_compiled host_syncs)
 if [ "$DRY" = 1 ]; then
-    BUDGET=${BUDGET_ARG:-660}
+    DEFAULT_BUDGET=720
     #     env data train_step t_bf16 t_fp16 s_bf16 s_fp16 s_fsdp s_compile eval syncs
-    CAPS=(40  40   120        60     50     60     50     50     100       40   50)
+    CAPS=(40  40   150        55     55     60     50     50     120       40   60)
 else
-    BUDGET=${BUDGET_ARG:-480}
+    DEFAULT_BUDGET=480
     CAPS=(20  30   110        35     25     45     35     45     75        25   25)
 fi
-CAPS_SUM=0
-for c in "${CAPS[@]}"; do CAPS_SUM=$(( CAPS_SUM + c )); done
-if [ "$BUDGET" -lt "$CAPS_SUM" ]; then  # a smaller budget scales every cap down
-    for i in "${!CAPS[@]}"; do CAPS[$i]=$(( CAPS[i] * BUDGET / CAPS_SUM )); done
+BUDGET=${BUDGET_ARG:-$DEFAULT_BUDGET}
+if [ "$BUDGET" != "$DEFAULT_BUDGET" ]; then  # another budget scales every cap alike
+    for i in "${!CAPS[@]}"; do CAPS[$i]=$(( CAPS[i] * BUDGET / DEFAULT_BUDGET )); done
 fi
 cap() {  # cap STEP: its seconds
     local i
@@ -175,9 +174,11 @@ rehearse() {
     [ "$(ls "$reh"/whl311/*.whl 2>/dev/null | wc -l)" = "$(ls .whl/*.whl | wc -l)" ] \
         || fail "not one cp311 wheel per wheel of .whl/"
     # 3. an interpreter that sees this Python's packages except those the image lacks or pins
-    #    otherwise (a venv whose one .pth adds a folder of links to the packages kept)
-    local farm=$reh/image_site venv=$reh/image_python site_dir
-    rm -rf "$farm" "$venv" "$reh/site" "$reh/out"
+    #    otherwise (a venv whose one .pth adds a folder of links to the packages kept). Both
+    #    folders' paths contain "site-packages", as on the image: dill (datasets' hashing)
+    #    pickles classes of modules elsewhere by value, and fails on pyarrow's.
+    local farm=$reh/image/site-packages venv=$reh/image_python site_dir
+    rm -rf "$reh/image" "$venv" "$reh/site" "$reh/out"
     mkdir -p "$farm" "$reh/out"
     site_dir=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     for entry in "$site_dir"/*; do
@@ -198,7 +199,8 @@ rehearse() {
     fi
     # 4. the device command, with this machine's Python, the cp311 wheels and --dry-run
     local cmd
-    cmd=$(device_command "$venv/bin/python" "$reh/whl311" "$reh/site" --dry-run --work-dir "$reh/work")
+    cmd=$(device_command "$venv/bin/python" "$reh/whl311" "$reh/site/site-packages" --dry-run \
+          --work-dir "$reh/work" ${BUDGET_ARG:+--budget $BUDGET_ARG})
     say "device command: $cmd"
     OUT=$reh/out bash -c "$cmd" >>"$log" 2>&1
     local crc=$?

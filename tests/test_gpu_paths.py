@@ -229,3 +229,77 @@ def test_dist_timeout_reaches_the_process_group_and_tf32_is_cuda_only(monkeypatc
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.backends.cudnn.benchmark = benchmark
+
+
+# ----------------------------------------------------------------------------- the GPU check
+
+
+def _gpu_check(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def test_gpu_check_plan_fits_its_budget_with_train_step_first():
+    plan = json.loads(_gpu_check("--plan"))
+    names = [s["name"] for s in plan["steps"]]
+    assert plan["budget_s"] <= 480 and sum(s["cap_s"] for s in plan["steps"]) <= plan["budget_s"]
+    assert names[:3] == ["env", "data", "train_step"]
+    assert names.index("student_bf16_fsdp") < names.index("student_bf16_compile_ddp") < \
+        names.index("evaluate_compiled")
+    # the steps the check runs, in its order: every `step NAME` call of the script
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    for name in names:
+        assert f"step {name} " in script or f"_run {name} " in script, name
+    smaller = json.loads(_gpu_check("--plan", "--budget", "300"))
+    assert smaller["budget_s"] == 300 and sum(s["cap_s"] for s in smaller["steps"]) <= 300
+
+
+def test_gpu_check_device_command_installs_the_wheels_and_writes_under_out():
+    cmd = _gpu_check("--device-command").strip()
+    assert len(cmd) <= 2000 and "\n" not in cmd
+    assert "pip install" in cmd and "--no-index --no-deps" in cmd and "--target" in cmd
+    assert cmd.index("PYTHONPATH=") < cmd.index("preflight") < cmd.index("bash bench/gpu_check.sh")
+    assert "--out $OUT/gpu_check.json" in cmd and "--logs-tar $OUT/" in cmd
+    assert "NCCL with several GPUs stays untested" in _gpu_check("--help")
+
+
+def test_preflight_stops_with_one_line_on_a_version_mismatch(tmp_path, capsys):
+    import sys
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    def wheel(name: str, version: str, requires: str = "") -> None:
+        with zipfile.ZipFile(tmp_path / f"{name}-{version}-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{name}-{version}.dist-info/METADATA",
+                        f"Name: {name}\nVersion: {version}\n{requires}")
+
+    wheel("datasets", "0.0.1")  # not the datasets Python imports
+    args = type("Args", (), {"wheels": str(tmp_path), "out": str(tmp_path / "p.json")})
+    assert gpu_check.preflight(args) == 4
+    assert "datasets-0.0.1-py3-none-any.whl is carried but Python finds datasets" in capsys.readouterr().out
+    (tmp_path / "datasets-0.0.1-py3-none-any.whl").unlink()
+    import pyarrow
+
+    wheel("tqdm", __import__("importlib.metadata").metadata.version("tqdm"),
+          f"Requires-Dist: pyarrow>{pyarrow.__version__}\n")  # a requirement the install misses
+    assert gpu_check.preflight(args) == 4
+    assert f"requires pyarrow>{pyarrow.__version__}, found {pyarrow.__version__}" in capsys.readouterr().out
+
+
+def test_step_bookkeeping_makes_no_host_copies():
+    """The fp16 'skipped' term and StepMonitor's preemption flag are filled on the device."""
+    import types
+
+    from engine import loop
+
+    device = torch.device("meta")
+    with HostTraffic() as traffic:
+        term = loop.skipped_term(types.SimpleNamespace(scaler=object(), device=device), None, skipped=True)
+        flag = torch.empty(3, device=device).new_full((1,), 1.0)  # as StepMonitor.after_step
+    assert term["skipped"].device == device and flag.device == device
+    assert dict(traffic.seen) == {}
+    assert "new_full((1,), float(self.preemption.requested))" in (ROOT / "engine" / "loop.py").read_text()
