@@ -374,7 +374,6 @@ class _SyncCounter:
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     fn()
-                    torch.cuda.set_sync_debug_mode(0)
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             for w in caught:

@@ -119,7 +119,7 @@ STEPS=(env data train_step teacher_bf16_ddp teacher_fp16_ddp student_bf16_ddp st
 if [ "$DRY" = 1 ]; then
     DEFAULT_BUDGET=720
     #     env data train_step t_bf16 t_fp16 s_bf16 s_fp16 s_fsdp s_compile eval syncs
-    CAPS=(40  40   150        55     55     60     50     50     120       40   60)
+    CAPS=(50  25   110        60     60     60     55     55     130       40   50)
 else
     DEFAULT_BUDGET=480
     CAPS=(20  30   110        35     25     45     35     45     75        25   25)
