@@ -50,7 +50,7 @@ import analysis
 from data import (AUG_SPEC, DATA_SPEC, build_datasets, build_transform, validate_aug_config,
                   validate_data_config)
 from data.build import check_input_size
-from engine.device import build_accelerator
+from engine.device import build_accelerator, fast_math_summary
 from engine.metrics import classification_metrics, collect_logits, confusion_matrix
 from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
@@ -64,6 +64,7 @@ EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
     "mixed_precision": (None, "null = accelerate's choice (launch flag / config file, else no autocast)",
                         ("no", "bf16", "fp16")),
+    "tf32": (True, "on CUDA: TF32 matmuls and cudnn.benchmark (as train.tf32); no effect on a CPU"),
     "ema": (False, "evaluate the student's EMA weights (model_ema) instead of model"),
     "analysis": (False, "run the paper's analyses: attention distance, feature rank, agreement"),
     "max_samples": (None, "evaluate only this many test images, evenly spaced over the split (quick "
@@ -444,7 +445,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     if teacher is not None:  # a stored size is checked (CheckpointError naming the file) before any data
         teacher_size = cfg["eval"]["teacher_input_size"] or teacher_input_size(teacher_info, 224)
 
-    accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"]})
+    accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"], "tf32": cfg["eval"]["tf32"]})
     main_process = accelerator.is_main_process
     log = accelerator.print
     if split_note:
@@ -498,7 +499,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     # ---------------------------------------------------------------- evaluation
     model = model.to(accelerator.device).eval()
     log(f"evaluating {args.ckpt} ({kind}, {info['format']} format) on {len(dataset)} images, "
-        f"{accelerator.num_processes} process(es), device {accelerator.device}, git {git_sha()}")
+        f"{accelerator.num_processes} process(es), device {accelerator.device}{fast_math_summary()}, git {git_sha()}")
     forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"])
     with hooks:
         outputs, targets = collect_logits(model, data_loader, accelerator, forward)

@@ -304,6 +304,38 @@ def teacher_outputs(model, images):
     return {"logits": model(images)}
 
 
+def build_model_and_loss(cfg: dict, counts, num_classes: int, device, init=None):
+    """(arch, model, criterion, optimizer) with the model and the criterion on ``device``:
+    the criterion's buffers (LDAM's margins, PaCo's log prior) then sit beside the logits, with
+    no host-to-device copy per micro-batch. ``init(model)`` runs before the move (model.init_ckpt)."""
+    m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]
+    arch = {"arch": m["arch"], "num_classes": num_classes, "head": m["head"]}
+    if lcfg["type"] == "paco":
+        # PaCo trains a MoCo-style model; the saved teacher is its query backbone + `linear`.
+        model = build_paco(m["arch"], arch["num_classes"], dim=lcfg["paco_dim"], K=lcfg["paco_queue"],
+                           m=lcfg["paco_momentum"])
+        criterion = PaCoLoss(lcfg["paco_alpha"], lcfg["paco_beta"], lcfg["paco_gamma"],
+                             temperature=lcfg["paco_temperature"], K=lcfg["paco_queue"],
+                             num_classes=arch["num_classes"], cls_num_list=counts)
+    else:
+        model = build_teacher(**arch)
+    if init is not None:
+        init(model)
+    if m["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if lcfg["type"] == "ldam":
+        criterion = LDAMLoss(counts, max_m=lcfg["max_m"], s=lcfg["s"])
+    elif lcfg["type"] == "ce":
+        criterion = nn.CrossEntropyLoss()
+    model, criterion = model.to(device), criterion.to(device)
+    sgd = dict(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    if o["sam"]:
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=o["rho"], adaptive=o["adaptive"], **sgd)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    return arch, model, criterion, optimizer
+
+
 def main(cfg: dict) -> dict:
     # ------------------------------------------------------------------ set-up
     tcfg = cfg["train"]
@@ -328,30 +360,13 @@ def main(cfg: dict) -> dict:
     accelerator.print(loop.run_banner(accelerator, tcfg, accum, len(data_loader_train), f"lr {cfg['optim']['lr']}"))
 
     # ------------------------------------------------------------------ model, loss, optimiser
+    def init(model):  # a resumed run restores its own weights
+        if cfg["model"]["init_ckpt"] and resume_dir is None:
+            run_folder.write_init_report(accelerator, out, init_teacher_from(model, cfg["model"]["init_ckpt"]))
+
+    arch, model, criterion, optimizer = build_model_and_loss(cfg, counts, dataset_train.num_classes,
+                                                             accelerator.device, init)
     m, lcfg, o = cfg["model"], cfg["loss"], cfg["optim"]
-    arch = {"arch": m["arch"], "num_classes": dataset_train.num_classes, "head": m["head"]}
-    if lcfg["type"] == "paco":
-        # PaCo trains a MoCo-style model; the saved teacher is its query backbone + `linear`.
-        model = build_paco(m["arch"], arch["num_classes"], dim=lcfg["paco_dim"], K=lcfg["paco_queue"],
-                           m=lcfg["paco_momentum"])
-        criterion = PaCoLoss(lcfg["paco_alpha"], lcfg["paco_beta"], lcfg["paco_gamma"],
-                             temperature=lcfg["paco_temperature"], K=lcfg["paco_queue"],
-                             num_classes=arch["num_classes"], cls_num_list=counts)
-    else:
-        model = build_teacher(**arch)
-    if m["init_ckpt"] and resume_dir is None:  # a resumed run restores its own weights
-        run_folder.write_init_report(accelerator, out, init_teacher_from(model, m["init_ckpt"]))
-    if m["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if lcfg["type"] == "ldam":
-        criterion = LDAMLoss(counts, max_m=lcfg["max_m"], s=lcfg["s"])
-    elif lcfg["type"] == "ce":
-        criterion = nn.CrossEntropyLoss()
-    sgd = dict(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"])
-    if o["sam"]:
-        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=o["rho"], adaptive=o["adaptive"], **sgd)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), **sgd)
     model, optimizer = accelerator.prepare(model, optimizer)
     if m["compile"]:  # after prepare: accelerate wraps the plain module
         model = torch.compile(model)

@@ -5,10 +5,15 @@ machine with none of them the Accelerator is made with ``cpu=True``, which is wh
 ``--multi_gpu`` launch on CPUs one gloo process group instead of independent processes. ``train.mixed_precision`` null leaves the precision to ``accelerate launch`` (flag or
 config file). ``precision_summary`` says what actually runs: accelerate treats fp16 on a CPU
 as fp32 (no autocast, no loss scaling), and the start-up line says so.
+
+On CUDA also: the process-group timeout (``train.dist_timeout_min``: NCCL's default gives up
+after 10 minutes, gloo's after 30), TF32 matmuls and ``cudnn.benchmark`` (``train.tf32``), and
+under FSDP a mixed-precision policy that reduces gradients in fp32 (``fsdp_plugin``).
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -40,16 +45,61 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
 
 
+def set_fast_math(tf32: bool) -> None:
+    """On CUDA: TF32 matmuls (fp32 runs then use the tensor cores; cuDNN convolutions already
+    do) and ``cudnn.benchmark`` (the fastest convolution algorithm for the fixed input sizes).
+    Nothing on a CPU, whose numerics stay bit-identical."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.benchmark = bool(tf32)
+
+
+def fast_math_summary() -> str:
+    """' | TF32 matmuls, cudnn.benchmark' when set_fast_math turned them on, else ''."""
+    if torch.cuda.is_available() and torch.get_float32_matmul_precision() != "highest":
+        return " | TF32 matmuls, cudnn.benchmark" if torch.backends.cudnn.benchmark else " | TF32 matmuls"
+    return ""
+
+
+def fsdp_plugin(mixed_precision: str | None):
+    """Under ``accelerate launch`` with an FSDP config, accelerate's FSDP plugin (read from the
+    launcher's environment, as accelerate would) with gradients reduced in fp32: accelerate's
+    own policy reduces (and, over accumulated micro-batches, sums) them in the autocast dtype,
+    where DDP keeps fp32. None without FSDP or mixed precision (accelerate's defaults)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    mixed_precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        policy = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+    plugin.mixed_precision_policy = policy  # accelerate keeps a policy it is given
+    return plugin
+
+
 def build_accelerator(train_cfg: dict, log_with=None, project_dir=None):
     """An Accelerator for the run. Gradient accumulation is done by the training steps
     themselves (they know the window, including a last partial one), so accelerate's is 1.
 
     ``log_with`` / ``project_dir``: experiment trackers and their folder, as
-    ``engine.trackers.accelerator_kwargs(cfg)`` gives them; None leaves them out."""
+    ``engine.trackers.accelerator_kwargs(cfg)`` gives them; None leaves them out.
+    ``train_cfg`` keys read: mixed_precision, cpu, dist_timeout_min (default 30), tf32
+    (default true)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     set_cpu_threads()
+    set_fast_math(train_cfg.get("tf32", True))
     kwargs = {}
     if log_with:
         kwargs["log_with"] = log_with
@@ -59,9 +109,14 @@ def build_accelerator(train_cfg: dict, log_with=None, project_dir=None):
         kwargs["mixed_precision"] = train_cfg["mixed_precision"]
     if train_cfg.get("cpu") or not accelerator_available():
         kwargs["cpu"] = True
+    plugin = fsdp_plugin(train_cfg.get("mixed_precision"))
+    if plugin is not None:
+        kwargs["fsdp_plugin"] = plugin
+    timeout = timedelta(minutes=train_cfg.get("dist_timeout_min", 30))
     accelerator = Accelerator(
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                         InitProcessGroupKwargs(timeout=timeout)],
         **kwargs,
     )
     scale = os.environ.get(CPU_SCALER_ENV)
@@ -73,7 +128,12 @@ def build_accelerator(train_cfg: dict, log_with=None, project_dir=None):
 
 def precision_summary(accelerator) -> str:
     """What runs, in words: 'fp16 (loss scaling)', 'bf16 autocast', 'fp32', or 'fp32 (fp16
-    requested: accelerate runs fp16 on a CPU as fp32)'."""
+    requested: accelerate runs fp16 on a CPU as fp32)', followed on CUDA by the fast-math
+    settings ('... | TF32 matmuls, cudnn.benchmark')."""
+    return _precision(accelerator) + fast_math_summary()
+
+
+def _precision(accelerator) -> str:
     mp = accelerator.mixed_precision
     if mp == "fp16":
         if accelerator.scaler is not None:

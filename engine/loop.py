@@ -102,7 +102,7 @@ def skipped_term(accelerator, optimizer, skipped: bool | None = None) -> dict[st
         return {}
     if skipped is None:
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
-    return {"skipped": torch.tensor(float(skipped), device=accelerator.device)}
+    return {"skipped": torch.full((), float(skipped), device=accelerator.device)}  # a fill, no host copy
 
 
 def loss_scale_record(accelerator) -> dict:
@@ -143,7 +143,7 @@ class StepMonitor:
         for name, value in zip(names, values):
             self.sums[name] = self.sums.get(name, 0.0) + value
         flags = torch.cat([(~torch.isfinite(values)).float(),
-                           torch.tensor([float(self.preemption.requested)], device=values.device),
+                           values.new_full((1,), float(self.preemption.requested)),  # no host copy
                            values[:1]]).to(self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")

@@ -39,6 +39,11 @@ RUN_SPEC = {
     "eval_every": (1, "evaluate every N epochs (and always after the last)"),
     "eval_batch_size": (None, "eval batch per process (null: 2 x batch_size)", int),
     "cpu": (False, "run on the CPU even when accelerate finds a GPU (CUDA, MPS, XPU)"),
+    "dist_timeout_min": (30, "minutes a process waits in a collective before the run aborts "
+                         "(NCCL's own default, 10, is shorter than a dataset build on the main "
+                         "process, a slow checkpoint write or uneven compile times)"),
+    "tf32": (True, "on CUDA: TF32 matmuls and cudnn.benchmark (fp32 runs use the tensor cores); "
+             "no effect on a CPU"),
 }
 LOG_SPEC = {
     "progress": (True, "show progress bars"),
@@ -71,6 +76,7 @@ def validate_run(cfg: dict) -> None:
     check(t["batch_size"] > 0, "train.batch_size", "must be > 0")
     check(t["accum_steps"] >= 1, "train.accum_steps", "must be >= 1")
     check(t["eval_every"] >= 1, "train.eval_every", "must be >= 1")
+    check(t["dist_timeout_min"] > 0, "train.dist_timeout_min", f"must be > 0, got {t['dist_timeout_min']}")
     check(t["save_every_steps"] >= 0, "train.save_every_steps", "must be >= 0")
     check(t["save_every_epochs"] >= 1, "train.save_every_epochs", "must be >= 1")
     check(t["max_steps_per_epoch"] is None or t["max_steps_per_epoch"] >= 1, "train.max_steps_per_epoch",

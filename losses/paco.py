@@ -92,8 +92,8 @@ class PaCoLoss(nn.Module):
             sup_logits = sup_logits + self.log_prior.to(device)
         logits = torch.cat((sup_logits, contrast), dim=1)                 # (B, C + 2B + K)
 
-        not_self = torch.ones_like(contrast, dtype=torch.bool)
-        not_self[torch.arange(B, device=device), torch.arange(B, device=device)] = False
+        # ~eye: no Python scalar written into a device tensor (a host-to-device copy).
+        not_self = ~torch.eye(B, contrast.shape[1], dtype=torch.bool, device=device)
         same = (labels[:B, None] == labels[None, :]) & not_self          # sample positives
         one_hot = F.one_hot(labels[:B], self.num_classes).to(logits.dtype)
         pos_weight = torch.cat((self.beta * one_hot, self.alpha * same.to(logits.dtype)), dim=1)

@@ -49,14 +49,20 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._backup: dict[torch.Tensor, torch.Tensor] = {}  # w before the perturbation
 
+    def _with_grads(self, group: dict) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
     @torch.no_grad()
     def _grad_norm(self) -> torch.Tensor:
         norms = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    scaled = p.grad * p.abs() if group["adaptive"] else p.grad
-                    norms.append(scaled.norm(p=2).to(torch.float32))
+            params = self._with_grads(group)
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul(grads, torch._foreach_abs(params))
+            norms += [n.to(torch.float32) for n in torch._foreach_norm(grads, 2)]
         if not norms:
             raise RuntimeError("SAM.first_step: no parameter has a gradient")
         device = norms[0].device
@@ -77,15 +83,25 @@ class SAM(torch.optim.Optimizer):
             if zero_grad:
                 self.zero_grad()
             return False
+        # torch._foreach_* ops: a few kernel launches for all tensors instead of several per
+        # tensor, with the arithmetic of the per-tensor form (bit-identical on a CPU).
         self._backup = {}
         for group in self.param_groups:
+            params = self._with_grads(group)
+            if not params:
+                continue
+            backup = [torch.empty_like(p) for p in params]
+            torch._foreach_copy_(backup, params)
+            self._backup.update(zip(params, backup))
             scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._backup[p] = p.detach().clone()
-                e_w = (p * p if group["adaptive"] else 1.0) * p.grad * scale.to(p)
-                p.add_(e_w)
+            grads = [p.grad for p in params]
+            for (device, dtype), idx in _by_device_and_dtype(params).items():
+                e_w = [grads[i] for i in idx]
+                if group["adaptive"]:  # |w|^2 * g * scale, in that order
+                    e_w = torch._foreach_mul(torch._foreach_mul([params[i] for i in idx],
+                                                                [params[i] for i in idx]), e_w)
+                e_w = torch._foreach_mul(e_w, scale.to(device, dtype))
+                torch._foreach_add_([params[i] for i in idx], e_w)
         if zero_grad:
             self.zero_grad()
         return True
@@ -95,8 +111,7 @@ class SAM(torch.optim.Optimizer):
         """Put back the weights ``first_step`` perturbed (the gradients stay)."""
         if not self._backup:
             raise RuntimeError("SAM.restore called without a preceding first_step")
-        for p, original in self._backup.items():
-            p.copy_(original)
+        torch._foreach_copy_(list(self._backup), list(self._backup.values()))
         self._backup = {}
 
     @torch.no_grad()
@@ -141,6 +156,14 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         # torch replaces the base optimizer's param_groups list on load: share it again.
         self.param_groups = self.base_optimizer.param_groups
+
+
+def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype): the scale is cast once per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
 
 
 def rho_for_epoch(schedule: Sequence[Sequence[float]], epoch: int) -> float:

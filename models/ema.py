@@ -46,12 +46,22 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module, micro_batches: int = 1) -> None:
         decay = self.decay ** micro_batches
+        floats, weights, ints, values = [], [], [], []
         for key, value in model.state_dict().items():
             ema = self.shadow[key]
             if ema.is_floating_point():
-                ema.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+                floats.append(ema)
+                weights.append(value.detach())
             else:
-                ema.copy_(value)
+                ints.append(ema)
+                values.append(value)
+        # torch._foreach_*: a few kernel launches for the whole model instead of two per
+        # tensor (the same arithmetic, bit-identical on a CPU).
+        if floats:
+            torch._foreach_mul_(floats, decay)
+            torch._foreach_add_(floats, weights, alpha=1.0 - decay)
+        if ints:
+            torch._foreach_copy_(ints, values)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors (DTensor shards gathered: every process must call this)."""

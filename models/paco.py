@@ -240,14 +240,15 @@ class PaCoModel(nn.Module):
         keys = concat_all_gather(keys.detach())
         labels = concat_all_gather(labels.detach())
         n = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        # The pointer stays a device tensor (never read to the host: no sync per step).
+        ptr = self.queue_ptr
         if n > self.K:  # only the newest K keys can survive
             ptr = (ptr + n - self.K) % self.K
             keys, labels, n = keys[-self.K:], labels[-self.K:], self.K
         idx = (ptr + torch.arange(n, device=self.queue.device)) % self.K
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_l[idx] = labels.to(self.queue_l.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.K
+        self.queue_ptr.copy_((ptr + n) % self.K)
 
     # ------------------------------------------------------------------ shuffle BN
 
