@@ -76,7 +76,7 @@ import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from models.ema import ModelEma  # noqa: E402
 
-from data.benchmarks import benchmark  # noqa: E402
+from data.benchmarks import benchmark as benchmark_facts  # noqa: E402
 from data.transforms import NORMALIZATION  # noqa: E402
 from engine.device import build_accelerator, set_cpu_threads  # noqa: E402
 from engine.seeding import step_seed  # noqa: E402
@@ -165,14 +165,14 @@ class ModeState:
 
 
 def num_classes_of(cfg: dict) -> int:
-    return benchmark(cfg["data"]["dataset"]).num_classes or 10
+    return benchmark_facts(cfg["data"]["dataset"]).num_classes or 10
 
 
 def teacher_spec(cfg: dict, arch: dict) -> dict | None:
     """Which random teacher stands in for the config's checkpoint, and its input size."""
     if cfg["distill"]["type"] == "none":
         return None
-    cifar = benchmark(cfg["data"]["dataset"]).cifar_subset
+    cifar = benchmark_facts(cfg["data"]["dataset"]).cifar_subset
     size = cfg["distill"]["teacher_input_size"] or (32 if cifar else arch["img_size"])
     return {"arch": "resnet32" if cifar else "resnet50", "num_classes": arch["num_classes"],
             "head": "normed" if cifar else "linear", "input_size": int(size)}

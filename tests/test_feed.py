@@ -137,7 +137,6 @@ def test_draft_crop_keeps_the_crop_distribution():
     import io
     import random
 
-    from PIL import Image
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
     from data.sources import open_rgb
