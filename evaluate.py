@@ -44,7 +44,7 @@ from data import (AUG_SPEC, DATA_SPEC, build_datasets, build_transform, validate
                   validate_data_config)
 from data.build import check_input_size
 from engine.device import build_accelerator
-from engine.metrics import classification_metrics, collect_logits, confusion_matrix
+from engine.metrics import EvalCounts, stream_evaluation
 from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
 from models.student import output_names, student_outputs
@@ -61,6 +61,9 @@ EVAL_SPEC = {
                           "checks; the numbers are then not the benchmark's)", int),
     "teacher_input_size": (None, "input size of --teacher; null = its stored data.input_size, else 32 "
                                  "for resnet32 and 224 otherwise", int),
+    "save_logits": (None, "also write every head's logits (N x C float32, split order) and the targets to "
+                          "this .pt file; off by default: the evaluation itself streams per-class counts "
+                          "and never holds N x C", str),
     "allow_class_mismatch": (False, "evaluate even when the checkpoint's stored class names differ "
                                     "from the data's (a model trained on other classes: its numbers "
                                     "then mean little); false: refuse, naming a few differing names"),
@@ -234,9 +237,11 @@ def class_permutation(model_map: list | None, data_map: list | None, num_classes
 
 
 def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | None,
-                 teacher_size: int | None, analyse: bool) -> tuple[Callable, contextlib.ExitStack]:
+                 teacher_size: int | None, analyse: bool, perm: torch.Tensor | None = None,
+                 teacher_perm: torch.Tensor | None = None) -> tuple[Callable, contextlib.ExitStack]:
     """``forward(model, images) -> dict`` of logits (plus features and attention statistics
-    for the analyses), and the context that holds the analysis hooks."""
+    for the analyses), and the context that holds the analysis hooks. ``perm`` /
+    ``teacher_perm`` reorder the model's / the teacher's logits to the data's classes."""
     hooks = contextlib.ExitStack()
     features: dict[str, torch.Tensor] = {}
     recorder = None
@@ -249,37 +254,39 @@ def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | N
             hooks.callback(handle.remove)
 
     def forward(model, images):
-        if kind == "teacher":
-            return {"logits": model(images)}
-        out = student_outputs(model, images)
+        out = {"logits": model(images)} if kind == "teacher" else student_outputs(model, images)
+        if perm is not None:
+            out = {k: v[:, perm.to(v.device)] for k, v in out.items()}
         if recorder is not None:
             out.update({f"feat_{k}": v for k, v in features.items()})
             out.update({f"attn_{k}": v for k, v in recorder.pop().items()})
         if teacher is not None:
-            out["teacher"] = teacher(analysis.resize_for_teacher(images, teacher_size))
+            logits = teacher(analysis.resize_for_teacher(images, teacher_size))
+            out["teacher"] = logits if teacher_perm is None else logits[:, teacher_perm.to(logits.device)]
         return out
 
     return forward, hooks
 
 
-def run_analyses(outputs: dict, targets: torch.Tensor, groups: dict, num_classes: int,
-                 model: torch.nn.Module, arch: dict) -> dict:
-    """The paper's analyses on the gathered outputs (see analysis.py for the definitions)."""
+def run_analyses(outputs: dict, counts: EvalCounts, groups: dict, model: torch.nn.Module, arch: dict) -> dict:
+    """The paper's analyses on the gathered features and attention statistics and the counted
+    predictions (see analysis.py for the definitions)."""
     heads, prediction = list(model.HEADS), model.PREDICTION
+    targets = counts.all_targets()
     attention = {k[len("attn_"):]: v for k, v in outputs.items() if k.startswith("attn_")}
     result = {
         "attention": analysis.summarise_attention(attention, arch["patch_size"], model.patch_embed.grid_size,
                                                   tokens=heads),
         "feature_rank": {name: analysis.feature_rank(outputs[f"feat_{name}"]) for name in heads},
     }
-    preds = {name: outputs[name].argmax(1) for name in (*heads, prediction)}
+    preds = {name: counts.prediction(name) for name in (*heads, prediction)}
     pairs = {f"{a}_vs_{b}": analysis.agreement(preds[a], preds[b], targets, groups)
              for i, a in enumerate(heads) for b in heads[i + 1:]}
-    if "teacher" in outputs:
-        preds["teacher"] = outputs["teacher"].argmax(1)
+    if "teacher" in counts.names:
+        preds["teacher"] = counts.prediction("teacher")
         for name in (*heads[::-1], prediction):  # dist first: the head that learns from the teacher
             pairs[f"{name}_vs_teacher"] = analysis.agreement(preds[name], preds["teacher"], targets, groups)
-        result["teacher"] = classification_metrics(outputs["teacher"], targets, groups, num_classes)
+        result["teacher"] = counts.metrics(groups, ["teacher"])["teacher"]
     result["agreement"] = pairs
     return result
 
@@ -330,16 +337,18 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_dir: str | None) -> None:
+def write_outputs(results: dict, counts: EvalCounts, block: int, json_path: str | None,
+                  out_dir: str | None) -> None:
     title = f"{Path(results['checkpoint']).name}: {results['dataset']}, {results['num_samples']} images"
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        print(f"plotting the figures into {out} ...", flush=True)
         per_class = {h: results[h]["per_class"] for h in results["heads"]}
         analysis.plot_per_class(out / "per_class_accuracy.png", per_class, results["train_counts"],
                                 results["groups"], title)
-        analysis.plot_confusion(out / "confusion_matrix.png", cm, results["train_counts"],
-                                results["class_names"], f"{title} ({results['prediction']})")
+        analysis.plot_confusion(out / "confusion_matrix.png", counts.confusion, results["train_counts"],
+                                results["class_names"], f"{title} ({results['prediction']})", block)
         extra = results.get("analysis")
         if extra:
             analysis.plot_attention(out / "attention_distance.png", extra["attention"])
@@ -463,19 +472,19 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     model = model.to(accelerator.device).eval()
     log(f"evaluating {args.ckpt} ({kind}, {info['format']} format) on {len(dataset)} images, "
         f"{accelerator.num_processes} process(es), device {accelerator.device}, git {git_sha()}")
-    forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"])
-    with hooks:
-        outputs, targets = collect_logits(model, data_loader, accelerator, forward)
+    forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"], perm, teacher_perm)
     heads = output_names(model) if kind == "student" else ["logits"]
-    for key in heads:
-        if perm is not None:
-            outputs[key] = outputs[key][:, perm]
-    if "teacher" in outputs and teacher_perm is not None:
-        outputs["teacher"] = outputs["teacher"][:, teacher_perm]
+    prediction = heads[-1]  # the student's combination of its heads, or the teacher's logits
+    columns, num_columns, block = analysis.confusion_columns(dataset_val.train_counts)
+    counts = EvalCounts(num_classes, heads + (["teacher"] if teacher is not None else []),
+                        keep_predictions=cfg["eval"]["analysis"], confusion=prediction,
+                        columns=columns, num_columns=num_columns)
+    keep = (("feat_", "attn_") if cfg["eval"]["analysis"] else ()) + (tuple(heads) if cfg["eval"]["save_logits"] else ())
+    with hooks:
+        outputs = stream_evaluation(model, data_loader, accelerator, forward, counts, keep=keep)
 
     groups = dataset_val.groups
-    metrics = {h: classification_metrics(outputs[h], targets, groups, num_classes) for h in heads}
-    prediction = heads[-1]  # the student's combination of its heads, or the teacher's logits
+    metrics = counts.metrics(groups, heads)
     results = {
         "kind": kind, "checkpoint": str(args.ckpt), "format": info["format"], "epoch": info.get("epoch"),
         "weights": info.get("weights", "model"), "prediction": prediction, "heads": heads,
@@ -483,13 +492,13 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
         "head": metrics[prediction]["head"], "mid": metrics[prediction]["mid"],
         "tail": metrics[prediction]["tail"],
         **metrics,
-        "num_samples": int(targets.numel()), "world_size": accelerator.num_processes,
+        "num_samples": metrics[prediction]["num_samples"], "world_size": accelerator.num_processes,
         "dataset": cfg["data"]["dataset"], "split": dataset_val.split, "group_rule": dataset_val.group_rule,
         "groups": groups, "class_names": dataset_val.class_names, "train_counts": dataset_val.train_counts,
         "arch": arch, "config": cfg,
     }
     if cfg["eval"]["analysis"]:
-        results["analysis"] = run_analyses(outputs, targets, groups, num_classes, model, arch)
+        results["analysis"] = run_analyses(outputs, counts, groups, model, arch)
         if teacher is not None:
             results["analysis"]["teacher_checkpoint"] = str(args.teacher)
             results["analysis"]["teacher_input_size"] = teacher_size
@@ -497,8 +506,12 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     # ---------------------------------------------------------------- report
     if main_process:
         print(format_report(results))
-        cm = confusion_matrix(outputs[prediction].argmax(1), targets, num_classes)
-        write_outputs(results, cm, args.json, args.out_dir)
+        write_outputs(results, counts, block, args.json, args.out_dir)
+        if cfg["eval"]["save_logits"]:
+            Path(cfg["eval"]["save_logits"]).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"logits": {h: outputs[h] for h in heads}, "targets": outputs["targets"].long(),
+                        "class_names": dataset_val.class_names}, cfg["eval"]["save_logits"])
+            print(f"logits written to {cfg['eval']['save_logits']}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group of a multi-process launch
     return 0
