@@ -613,6 +613,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
                         columns=columns, num_columns=num_columns)
     keep = (("feat_", "attn_") if cfg["eval"]["analysis"] else ()) + (tuple(heads) if cfg["eval"]["save_logits"] else ())
     prior = posthoc.log_prior(dataset_val.train_counts)
+    combine = getattr(model, "combine", posthoc.mean_of_heads)  # the student's own rule (one place)
     params: dict = {}
     names = posthoc.row_names(heads)
     passes = []
@@ -624,7 +625,8 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
             tuning = stream_evaluation(model, loader(tune_set), accelerator, forward, counts if counted else None,
                                        keep=tuple(base_heads) + (keep if counted else ()), desc="tune",
                                        fp16=() if cfg["eval"]["save_logits"] else tuple(base_heads))
-            params = posthoc.tune({h: tuning[h] for h in base_heads}, tuning["targets"], heads, prior, num_classes)
+            params = posthoc.tune({h: tuning[h] for h in base_heads}, tuning["targets"], heads, prior,
+                                  num_classes, combine)
             log(f"post-hoc parameters tuned on {len(tune_set)} images ({tuned_on}): {params}")
             if counted:
                 passes.append(tuning)
@@ -637,7 +639,7 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
             out = forward(model, images)
             if rows_counts is not None:
                 out.update({f"posthoc/{k}": v for k, v in
-                            posthoc.rows({h: out[h] for h in heads}, names, params, prior).items()})
+                            posthoc.rows({h: out[h] for h in heads}, names, params, prior, combine).items()})
             return out
 
         passes.append(stream_evaluation(model, loader(report_set), accelerator, forward_rows,

@@ -5,10 +5,11 @@
   row (``*_la``); a tuned tau (``avg_la_tuned``) only with tuning images.
 - **Expert combinations beyond the mean** of a student's CLS (head expert) and DIST (tail expert)
   heads; the reference's mean (``avg``) stays the reported prediction:
-  ``weighted`` = ``w cls + (1 - w) dist`` with w tuned; ``temp_avg`` = the mean of ``cls / T_cls``
-  and ``dist / T_dist``, each T fitted by NLL (temperature scaling, Guo et al. 2017) so that the
-  over-confident head no longer outvotes the other; ``avg_cls_la`` = the mean after adjusting
-  only CLS (tau = 1, no tuning): CLS learns from the long-tailed labels, so it carries the
+  ``weighted`` = ``w cls + (1 - w) dist`` with w tuned; ``temp_avg`` = the student's combination
+  (``DistilledStudent.combine``, the mean) of ``cls / T_cls`` and ``dist / T_dist``, each T fitted
+  by NLL (temperature scaling, Guo et al. 2017) so that the over-confident head no longer
+  outvotes the other; ``avg_cls_la`` = the combination after adjusting only CLS (tau = 1, no
+  tuning): CLS learns from the long-tailed labels, so it carries the
   training prior that logit adjustment removes, while DIST learns from the teacher's targets
   (a class-balanced teacher), so adjusting it too over-corrects towards the tail.
 - Every tuned parameter is chosen on images that are not the ones it is reported on (the
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +58,15 @@ def is_tuned(name: str) -> bool:
     return name in ("weighted", "temp_avg") or name.endswith(("_la_tuned", "_temp"))
 
 
-def rows(logits: dict[str, torch.Tensor], names: list[str], params: dict, prior: torch.Tensor) -> dict:
-    """Every row's fp32 logits for a batch of the heads' logits."""
+def mean_of_heads(heads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's combination (``DistilledStudent.combine``), for callers without a model."""
+    return (heads["cls"] + heads["dist"]) / 2
+
+
+def rows(logits: dict[str, torch.Tensor], names: list[str], params: dict, prior: torch.Tensor,
+         combine: Callable = mean_of_heads) -> dict:
+    """Every row's fp32 logits for a batch of the heads' logits; ``combine``: the student's
+    combination of its heads (``DistilledStudent.combine``)."""
     z = {k: v.float() for k, v in logits.items()}
     prior = prior.to(next(iter(z.values())).device)
     out = {}
@@ -65,7 +74,7 @@ def rows(logits: dict[str, torch.Tensor], names: list[str], params: dict, prior:
         if name in z:
             out[name] = z[name]
         elif name == "avg_cls_la":
-            out[name] = (z["cls"] - prior + z["dist"]) / 2
+            out[name] = combine({"cls": z["cls"] - prior, "dist": z["dist"]})
         elif name.endswith("_la_tuned"):
             out[name] = z[name[:-len("_la_tuned")]] - params["tau"] * prior
         elif name.endswith("_la"):
@@ -73,7 +82,7 @@ def rows(logits: dict[str, torch.Tensor], names: list[str], params: dict, prior:
         elif name == "weighted":
             out[name] = params["w"] * z["cls"] + (1 - params["w"]) * z["dist"]
         elif name == "temp_avg":
-            out[name] = (z["cls"] / params["T"]["cls"] + z["dist"] / params["T"]["dist"]) / 2
+            out[name] = combine({h: z[h] / params["T"][h] for h in ("cls", "dist")})
         elif name.endswith("_temp"):
             head = name[:-len("_temp")]
             out[name] = z[head] / params["T"][head]
@@ -140,12 +149,12 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 
 
 def tune(logits: dict[str, torch.Tensor], targets: torch.Tensor, heads: list[str], prior: torch.Tensor,
-         num_classes: int) -> dict:
+         num_classes: int, combine: Callable = mean_of_heads) -> dict:
     """The tuned parameters from the tuning images' logits (fp16 or fp32, on the CPU).
 
     ``tau`` (of ``avg_la_tuned`` / ``<head>_la_tuned``) and ``w`` (of ``weighted``) on their grids
     by mean per-class accuracy (the first best on a tie); each head's ``T`` by per-class-weighted
-    NLL. A student's ``avg`` is recomputed from cls and dist (the mean of the logits).
+    NLL. A student's ``avg`` is recomputed from cls and dist with ``combine``.
     """
     targets = targets.long()
     support = torch.bincount(targets, minlength=num_classes).double()
@@ -153,7 +162,9 @@ def tune(logits: dict[str, torch.Tensor], targets: torch.Tensor, heads: list[str
     student = {"cls", "dist"} <= set(logits)
 
     def combined(s):
-        return (logits["cls"][s].float() + logits["dist"][s].float()) / 2 if student else logits[heads[-1]][s].float()
+        if student:
+            return combine({h: logits[h][s].float() for h in ("cls", "dist")})
+        return logits[heads[-1]][s].float()
 
     def best(grid, make):
         scores = [balanced_accuracy(make(v), targets, num_classes) for v in grid]
