@@ -222,5 +222,9 @@ def test_tuning_split_sources(tmp_path):
     cfg["eval"]["tune_list"] = str(train_list)
     tune, report, tuned_on = tuning_split(cfg, dataset_val, 0.5, None, 2, 3, quiet)
     assert tuned_on == "tune_list" and report is dataset_val and len(tune) == 13
-    cfg["eval"].update(tune_list=None, tune_fraction=0.0)
+    # The kept fp16 logits are capped (eval.tune_max_mb): 1 MB of 2 heads x 2**18 classes = 1 image.
+    cfg["eval"].update(tune_list=None, tune_max_mb=1)
+    tune, report, tuned_on = tuning_split(cfg, dataset_val, 0.0, None, 2, 2 ** 18, quiet)
+    assert tuned_on == "tune_split" and len(tune) == 1 and len(report) == 8
+    cfg["eval"].update(tune_fraction=0.0)
     assert tuning_split(cfg, dataset_val, 0.0, None, 2, 3, quiet) == (None, dataset_val, "none")
