@@ -271,7 +271,9 @@ def plot_per_class(path: str | Path, per_class: dict[str, list], train_counts: l
     x = list(range(num_classes))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     counts_ax = ax.twinx()
-    counts_ax.bar(x, [train_counts[c] for c in order], width=1.0, color="0.85", zorder=0)
+    # One stairs artist, not C bars: 8,142 bars take 14 s to draw, the same outline 0.65 s.
+    counts_ax.stairs([train_counts[c] for c in order], [i - 0.5 for i in range(num_classes + 1)],
+                     fill=True, color="0.85", zorder=0)
     counts_ax.set_yscale("log")
     counts_ax.set_ylabel("training images (log)")
     ax.set_zorder(counts_ax.get_zorder() + 1)
@@ -313,32 +315,63 @@ def pool_confusion(rows: torch.Tensor, max_cells: int = 100) -> tuple[torch.Tens
     Block cell = mean over the block's true classes of the summed shares predicted into the
     other block's classes, so pooled rows still sum to 100 (classes with test images).
     """
-    num_classes = rows.shape[0]
-    block = math.ceil(num_classes / max_cells)
+    block = confusion_block(rows.shape[0], max_cells)
     if block == 1:
         return rows, 1
+    columns = torch.arange(rows.shape[0]) // block
+    pooled = torch.zeros(rows.shape[0], int(columns.max()) + 1, dtype=rows.dtype).index_add_(1, columns, rows)
+    return _pool_rows(pooled, block), block
+
+
+def confusion_block(num_classes: int, max_cells: int = 100) -> int:
+    """Classes per block of the confusion figure: at most ``max_cells`` blocks a side."""
+    return math.ceil(num_classes / max_cells)
+
+
+def confusion_columns(train_counts: list[int], max_cells: int = 100) -> tuple[torch.Tensor, int, int]:
+    """``(columns, num_columns, block)``: the confusion figure's column of each predicted class
+    (its block in count order), for ``engine.metrics.EvalCounts(confusion=...)`` to count
+    ``[true class, column]`` as it streams: C x blocks counts, never a dense C x C."""
+    block = confusion_block(len(train_counts), max_cells)
+    position = torch.empty(len(train_counts), dtype=torch.long)
+    position[torch.tensor(count_order(train_counts), dtype=torch.long)] = torch.arange(len(train_counts))
+    columns = position // block
+    return columns, int(columns.max()) + 1 if len(train_counts) else 0, block
+
+
+def _pool_rows(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each ``block`` consecutive rows (the last block may be short)."""
+    num_classes = rows.shape[0]
     blocks = math.ceil(num_classes / block)
-    pad = block * blocks - num_classes
-    summed = F.pad(rows, (0, pad, 0, pad)).reshape(blocks, block, blocks, block).sum(dim=(1, 3))
+    summed = F.pad(rows, (0, 0, 0, block * blocks - num_classes)).reshape(blocks, block, -1).sum(dim=1)
     sizes = torch.full((blocks,), float(block), dtype=rows.dtype)
-    sizes[-1] = num_classes - block * (blocks - 1)  # the last block may be short
-    return summed / sizes[:, None], block
+    sizes[-1] = num_classes - block * (blocks - 1)
+    return summed / sizes[:, None]
 
 
-def plot_confusion(path: str | Path, cm: torch.Tensor, train_counts: list[int],
-                   class_names: list[str] | None = None, title: str = "") -> None:
+def confusion_rows(counts: torch.Tensor, train_counts: list[int], block: int = 1) -> torch.Tensor:
+    """The confusion figure's cells (see ``plot_confusion``): true classes in count order, each
+    row normalised to 100, then pooled ``block`` rows at a time."""
+    cm = counts.double()[torch.tensor(count_order(train_counts))]
+    rows = 100.0 * cm / cm.sum(1, keepdim=True).clamp_min(1)
+    return _pool_rows(rows, block) if block > 1 else rows
+
+
+def plot_confusion(path: str | Path, counts: torch.Tensor, train_counts: list[int],
+                   class_names: list[str] | None = None, title: str = "", block: int = 1) -> None:
     """Row-normalised confusion matrix (% of each true class), classes in count order.
 
-    Above 100 classes, classes are pooled into blocks (a 1000 x 1000 image has more cells than
-    a figure has pixels): a cell is the share of the true block's images predicted into the
-    predicted block, so rows still sum to 100%. Tick labels and values only for 20 or fewer.
+    ``counts[t, j]``: images of true class t predicted into column j, the columns being the
+    predicted classes' blocks in count order (``confusion_columns``; ``block`` classes each, 1:
+    the classes themselves). Above 100 classes the true classes are pooled into the same
+    blocks (a 1000 x 1000 image has more cells than a figure has pixels): a cell is the mean,
+    over the true block's classes, of the share predicted into the column's block, so rows
+    still sum to 100%. Tick labels and values only for 20 or fewer classes.
     """
     plt = _pyplot()
     order = torch.tensor(count_order(train_counts))
-    cm = cm.double()[order][:, order]
-    rows = 100.0 * cm / cm.sum(1, keepdim=True).clamp_min(1)
-    num_classes = rows.shape[0]
-    rows, block = pool_confusion(rows, max_cells=100)
+    num_classes = len(order)
+    rows = confusion_rows(counts, train_counts, block)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     image = ax.imshow(rows.numpy(), cmap="viridis", vmin=0, vmax=100)
     fig.colorbar(image, ax=ax, label="% of the true class")
@@ -355,6 +388,36 @@ def plot_confusion(path: str | Path, cm: torch.Tensor, train_counts: list[int],
     unit = f" (blocks of {block} classes)" if block > 1 else ""
     ax.set_xlabel("predicted class, by training count" + unit)
     ax.set_ylabel("true class, by training count" + unit)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(path: str | Path, bins: dict[str, dict], title: str = "") -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (15 equal-width
+    bins) for each head and combination; the diagonal is perfect calibration, points below it
+    over-confidence. Empty bins are left out; marker areas follow the bins' image counts."""
+    plt = _pyplot()
+    shown = [n for n in ("cls", "dist", "avg", "temp_avg", "logits", "logits_temp") if n in bins] or list(bins)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 100], [0, 100], color="0.6", linestyle="--", linewidth=0.8)
+    colours = {"cls": "tab:blue", "dist": "tab:orange", "avg": "tab:green", "temp_avg": "tab:red",
+               "logits": "tab:purple", "logits_temp": "tab:red"}
+    for name in shown:
+        b = bins[name]
+        keep = [i for i, c in enumerate(b["count"]) if c > 0]
+        total = max(1, sum(b["count"]))
+        ax.plot([b["confidence"][i] for i in keep], [b["accuracy"][i] for i in keep], marker="o",
+                markersize=3, linewidth=1, color=colours.get(name), label=name)
+        ax.scatter([b["confidence"][i] for i in keep], [b["accuracy"][i] for i in keep],
+                   s=[2 + 200 * b["count"][i] / total for i in keep], color=colours.get(name), alpha=0.3)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("confidence (%, mean of the bin)")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8, loc="upper left")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -11,8 +11,14 @@ Reports top-1 and top-5, per-class accuracy (from the confusion matrix) and head
 (means of per-class accuracies over the groups' classes, docs/recipe.md section 6) for each of
 the student's heads and their combination (``DistilledStudent.combine``: the mean of the logits,
 'avg', the reported prediction as the reference); for a teacher, for its single head. Every
-process evaluates a shard; predictions are gathered and de-duplicated before any metric is
-computed, so one or several processes give identical numbers.
+process evaluates a shard; per batch each head is reduced to per-image predictions that are
+gathered and de-duplicated, and counted per class (``engine.metrics``): one or several processes
+give identical numbers, and memory does not grow with images x classes (``eval.save_logits``
+keeps the logits for those who want them). Beside them (``engine/posthoc.py``): the field's
+count-rule groups (many > 100 / medium / few < 20 training images), post-hoc rows (logit
+adjustment; expert combinations tuned on images they are not reported on), calibration (ECE,
+NLL, a reliability diagram) and accuracy under forward / backward long-tailed test priors. A
+checkpoint trained in bf16 (fp16) is evaluated in it unless ``eval.mixed_precision`` says otherwise.
 
 Checkpoints: the project's portable files and the reference's released formats (student,
 LDAM, CE, PaCo teachers), always through ``models.checkpoint.safe_load``
@@ -50,8 +56,10 @@ import analysis
 from data import (AUG_SPEC, DATA_SPEC, build_datasets, build_transform, validate_aug_config,
                   validate_data_config)
 from data.build import check_input_size
-from engine.device import build_accelerator, fast_math_summary
-from engine.metrics import classification_metrics, collect_logits, confusion_matrix
+from data.groups import count_rule_groups
+from engine import posthoc
+from engine.device import build_accelerator, fast_math_summary, precision_summary
+from engine.metrics import EvalCounts, group_mean, stream_evaluation
 from errors import CheckpointError, ConfigError, ProjectError, run_main
 from models.checkpoint import load_any, load_student, load_teacher
 from models.export import DEFAULT_LICENSE, check_exportable, check_push, export_folder, push_folder
@@ -62,8 +70,10 @@ from utils import atomic_write_text, check, git_sha, parse_config, print_config
 
 EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
-    "mixed_precision": (None, "null = accelerate's choice (launch flag / config file, else no autocast)",
-                        ("no", "bf16", "fp16")),
+    "mixed_precision": (None, "null = the checkpoint's train.mixed_precision when it names bf16 or fp16 "
+                              "(its numbers then match its training log), else accelerate's choice "
+                              "(launch flag / config file, else no autocast); logits are cast to fp32 "
+                              "before any argmax or combination", ("no", "bf16", "fp16")),
     "tf32": (True, "on CUDA: TF32 matmuls and cudnn.benchmark (as train.tf32); no effect on a CPU"),
     "ema": (False, "evaluate the student's EMA weights (model_ema) instead of model"),
     "analysis": (False, "run the paper's analyses: attention distance, feature rank, agreement"),
@@ -71,6 +81,20 @@ EVAL_SPEC = {
                           "checks; the numbers are then not the benchmark's)", int),
     "teacher_input_size": (None, "input size of --teacher; null = its stored data.input_size, else 32 "
                                  "for resnet32 and 224 otherwise", int),
+    "save_logits": (None, "also write every head's logits (N x C float32, split order) and the targets to "
+                          "this .pt file; off by default: the evaluation itself streams per-class counts "
+                          "and never holds N x C", str),
+    "posthoc": (True, "report the post-hoc rows (logit adjustment, expert combinations), calibration "
+                      "(ECE, NLL) and accuracy under shifted test priors"),
+    "tune_list": (None, "split file of the images the post-hoc parameters are tuned on (as data.val_list, "
+                        "under data.root; ImageNet-LT: its official ImageNet_LT_val.txt); null: the "
+                        "checkpoint's data.val_holdout images if it has some, else eval.tune_fraction", str),
+    "tune_fraction": (0.5, "without a tuning list or hold-out: the seeded share of the evaluation images "
+                           "the parameters are tuned on; the post-hoc rows are reported on the rest; 0: "
+                           "no tuned rows", float),
+    "tune_seed": (0, "seed of the tuning split and of the sample below"),
+    "tune_max_mb": (256, "cap on the tuning logits kept in memory (fp16): beyond it a seeded sample of the "
+                         "tuning images is used, so the evaluation's memory stays bounded at any class count"),
     "allow_class_mismatch": (False, "evaluate even when the checkpoint's class names differ from the "
                                     "data's (its numbers then mean little); false: refuse"),
 }
@@ -97,6 +121,8 @@ def validate(cfg: dict) -> None:
     check(e["batch_size"] >= 1, "eval.batch_size", f"must be >= 1, got {e['batch_size']}")
     check(e["max_samples"] is None or e["max_samples"] >= 1, "eval.max_samples",
           f"must be >= 1 (null: the whole split), got {e['max_samples']}")
+    check(0.0 <= e["tune_fraction"] < 1.0, "eval.tune_fraction", f"must be in [0, 1), got {e['tune_fraction']}")
+    check(e["tune_max_mb"] >= 1, "eval.tune_max_mb", f"must be >= 1, got {e['tune_max_mb']}")
     if e["teacher_input_size"] is not None:
         check_input_size(e["teacher_input_size"], "eval.teacher_input_size")
 
@@ -212,6 +238,14 @@ def stored_config(info: dict) -> dict | None:
     return info.get("config") or info.get("args")
 
 
+def checkpoint_precision(asked: str | None, info: dict) -> str | None:
+    """``eval.mixed_precision``, or when null the checkpoint's ``train.mixed_precision`` if it
+    names bf16 or fp16: a bf16-trained student is evaluated in bf16, as in its training log
+    (null again: accelerate's choice)."""
+    stored = ((stored_config(info) or {}).get("train") or {}).get("mixed_precision")
+    return asked if asked is not None or stored not in ("bf16", "fp16") else stored
+
+
 def as_class_map(value, num_classes: int, what: str) -> list[int] | None:
     """A class map as a list ``map[original] = index``; JSON-made dicts have string keys."""
     if value is None:
@@ -252,9 +286,11 @@ def class_permutation(model_map: list | None, data_map: list | None, num_classes
 
 
 def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | None,
-                 teacher_size: int | None, analyse: bool) -> tuple[Callable, contextlib.ExitStack]:
+                 teacher_size: int | None, analyse: bool, perm: torch.Tensor | None = None,
+                 teacher_perm: torch.Tensor | None = None) -> tuple[Callable, contextlib.ExitStack]:
     """``forward(model, images) -> dict`` of logits (plus features and attention statistics
-    for the analyses), and the context that holds the analysis hooks."""
+    for the analyses), and the context that holds the analysis hooks. ``perm`` /
+    ``teacher_perm`` reorder the model's / the teacher's logits to the data's classes."""
     hooks = contextlib.ExitStack()
     features: dict[str, torch.Tensor] = {}
     recorder = None
@@ -267,37 +303,106 @@ def make_forward(kind: str, model: torch.nn.Module, teacher: torch.nn.Module | N
             hooks.callback(handle.remove)
 
     def forward(model, images):
-        if kind == "teacher":
-            return {"logits": model(images)}
-        out = student_outputs(model, images)
+        out = {"logits": model(images)} if kind == "teacher" else student_outputs(model, images)
+        if perm is not None:
+            out = {k: v[:, perm.to(v.device)] for k, v in out.items()}
         if recorder is not None:
             out.update({f"feat_{k}": v for k, v in features.items()})
             out.update({f"attn_{k}": v for k, v in recorder.pop().items()})
         if teacher is not None:
-            out["teacher"] = teacher(analysis.resize_for_teacher(images, teacher_size))
+            logits = teacher(analysis.resize_for_teacher(images, teacher_size))
+            out["teacher"] = logits if teacher_perm is None else logits[:, teacher_perm.to(logits.device)]
         return out
 
     return forward, hooks
 
 
-def run_analyses(outputs: dict, targets: torch.Tensor, groups: dict, num_classes: int,
-                 model: torch.nn.Module, arch: dict) -> dict:
-    """The paper's analyses on the gathered outputs (see analysis.py for the definitions)."""
+def tuning_split(cfg: dict, dataset, stored_holdout: float, transform, tune_heads: int, num_classes: int,
+                 quiet) -> tuple:
+    """``(tune_dataset, report_dataset, tuned_on)``: the images the post-hoc parameters are tuned on
+    and those the post-hoc rows are reported on, never the same ones (docstring of engine/posthoc.py).
+
+    ``eval.tune_list`` (tuned_on ``tune_list``), else the checkpoint's held-out training images
+    when it was trained with ``data.val_holdout`` and the test split is evaluated (``holdout``),
+    else a seeded ``eval.tune_fraction`` of the evaluation images (``tune_split``; 0: no tuning,
+    ``none``). At most ``eval.tune_max_mb`` of fp16 logits: a seeded sample beyond it.
+    """
+    e = cfg["eval"]
+    generator = torch.Generator().manual_seed(e["tune_seed"])
+    cap = max(1, e["tune_max_mb"] * 2 ** 20 // (2 * num_classes * tune_heads))
+
+    def capped(ds, n: int) -> list[int]:
+        return sorted(torch.randperm(len(ds), generator=generator)[:min(n, cap)].tolist())
+
+    source = None
+    if e["tune_list"] is not None:
+        if cfg["data"]["train_list"] is None:
+            raise EvalError("eval.tune_list needs split files (data.train_list / data.val_list, the ImageNet-LT "
+                            "/ iNat layout); for other data use eval.tune_fraction")
+        source, tuned_on = {**cfg["data"], "val_list": e["tune_list"], "val_holdout": 0.0}, "tune_list"
+    elif stored_holdout and not cfg["data"]["val_holdout"]:
+        source, tuned_on = {**cfg["data"], "val_holdout": stored_holdout}, "holdout"
+    if source is not None:
+        try:
+            with quiet:
+                _, tune_set = build_datasets(source, None, transform, verbose=False)
+        except (ValueError, FileNotFoundError, ConnectionError) as err:
+            raise EvalError(f"cannot build the tuning images ({tuned_on}): {err}") from None
+        return Subset(tune_set, capped(tune_set, len(tune_set))), dataset, tuned_on
+    n = int(round(e["tune_fraction"] * len(dataset)))
+    if n == 0:
+        return None, dataset, "none"
+    tune = capped(dataset, n)
+    chosen = set(tune)
+    return Subset(dataset, tune), Subset(dataset, [i for i in range(len(dataset)) if i not in chosen]), "tune_split"
+
+
+def posthoc_results(counts: EvalCounts, names: list[str], params: dict, tuned_on: str, groups: dict,
+                    train_counts: list[int]) -> dict:
+    """The JSON's ``posthoc``, ``calibration``, ``test_priors`` and reliability bins."""
+    metrics = counts.metrics(groups)
+    order = analysis.count_order(train_counts)
+    out = {"posthoc": {}, "calibration": {}, "test_priors": {}, "reliability": {}}
+    for name in names:
+        key = f"posthoc/{name}"  # the rows' names in the counts, apart from the heads'
+        m = metrics[key]
+        out["posthoc"][name] = {"top1": m["top1"], "head": m["head"], "mid": m["mid"], "tail": m["tail"],
+                                "param": posthoc.param_of(name, params),
+                                "tuned_on": tuned_on if posthoc.is_tuned(name) else "none"}
+        out["calibration"][name] = posthoc.ece_nll(counts.bins[key])
+        out["reliability"][name] = posthoc.reliability(counts.bins[key])
+        out["test_priors"][name] = posthoc.test_prior_accuracies(m["per_class"], order)
+    out["posthoc_images"] = int(counts.support.sum())
+    return out
+
+
+def image_order(tune_set, report_set, tuned_on: str, n: int) -> list[int]:
+    """Positions in the evaluated split of the saved logits' rows: the tuning part first when
+    it was cut from the evaluation images (tune_split), else the split's order."""
+    if tuned_on == "tune_split":
+        return list(tune_set.indices) + list(report_set.indices)
+    return list(range(n))
+
+
+def run_analyses(outputs: dict, counts: EvalCounts, groups: dict, model: torch.nn.Module, arch: dict) -> dict:
+    """The paper's analyses on the gathered features and attention statistics and the counted
+    predictions (see analysis.py for the definitions)."""
     heads, prediction = list(model.HEADS), model.PREDICTION
+    targets = counts.all_targets()
     attention = {k[len("attn_"):]: v for k, v in outputs.items() if k.startswith("attn_")}
     result = {
         "attention": analysis.summarise_attention(attention, arch["patch_size"], model.patch_embed.grid_size,
                                                   tokens=heads),
         "feature_rank": {name: analysis.feature_rank(outputs[f"feat_{name}"]) for name in heads},
     }
-    preds = {name: outputs[name].argmax(1) for name in (*heads, prediction)}
+    preds = {name: counts.prediction(name) for name in (*heads, prediction)}
     pairs = {f"{a}_vs_{b}": analysis.agreement(preds[a], preds[b], targets, groups)
              for i, a in enumerate(heads) for b in heads[i + 1:]}
-    if "teacher" in outputs:
-        preds["teacher"] = outputs["teacher"].argmax(1)
+    if "teacher" in counts.names:
+        preds["teacher"] = counts.prediction("teacher")
         for name in (*heads[::-1], prediction):  # dist first: the head that learns from the teacher
             pairs[f"{name}_vs_teacher"] = analysis.agreement(preds[name], preds["teacher"], targets, groups)
-        result["teacher"] = classification_metrics(outputs["teacher"], targets, groups, num_classes)
+        result["teacher"] = counts.metrics(groups, ["teacher"])["teacher"]
     result["agreement"] = pairs
     return result
 
@@ -330,6 +435,29 @@ def format_report(results: dict) -> str:
         for c, name in enumerate(results["class_names"]):
             lines.append(f"{name[:13]:<14}{results['train_counts'][c]:>7}  {member.get(c, ''):<6}"
                          + "".join(f" {fmt(results[h]['per_class'][c])}" for h in heads))
+    count = results.get("count_groups")
+    if count:
+        sizes = ", ".join(f"{g} {len(count['classes'][g])}" for g in ("many", "medium", "few"))
+        lines += ["", f"groups by the field's count rule ({count['rule']}): {sizes}",
+                  f"{'':8}" + "".join(f" {t:>6}" for t in ("many", "medium", "few"))]
+        lines += [f"{h:8}" + "".join(f" {fmt(count[h][g])}" for g in ("many", "medium", "few")) for h in heads]
+    if results.get("posthoc"):
+        tuning = results["posthoc_tuning"]
+        lines += ["", f"post-hoc rows on {results['posthoc_images']} images (tuned on {tuning['tuned_on']}: "
+                      f"{tuning['images']} images; ECE % over 15 bins, NLL per image)",
+                  f"{'':13}" + "".join(f" {t:>6}" for t in ("top-1", "head", "mid", "tail", "ECE", "NLL"))
+                  + "  param"]
+        for name, row in results["posthoc"].items():
+            cal = results["calibration"][name]
+            param = ", ".join(f"{k}={v:g}" for k, v in (row["param"] or {}).items())
+            lines.append(f"{name:13}" + "".join(f" {fmt(row[k])}" for k in ("top1", "head", "mid", "tail"))
+                         + f" {fmt(cal['ece'])} {cal['nll']:6.3f}  {param}")
+        names = posthoc.prior_names()
+        short = [n.replace("forward_", "f").replace("backward_", "b").replace("uniform", "1") for n in names]
+        lines += ["", "accuracy under long-tailed test priors (f: forward, b: backward imbalance; 1: uniform)",
+                  f"{'':13}" + "".join(f" {t:>5}" for t in short)]
+        for name, acc in results["test_priors"].items():
+            lines.append(f"{name:13}" + "".join(f" {acc[n]:5.1f}" if acc[n] is not None else "     -" for n in names))
     extra = results.get("analysis")
     if extra:
         att, ranks = extra["attention"], extra["feature_rank"]
@@ -348,16 +476,20 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict, cm: torch.Tensor, json_path: str | None, out_dir: str | None) -> None:
+def write_outputs(results: dict, counts: EvalCounts, block: int, json_path: str | None,
+                  out_dir: str | None) -> None:
     title = f"{Path(results['checkpoint']).name}: {results['dataset']}, {results['num_samples']} images"
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        print(f"plotting the figures into {out} ...", flush=True)
         per_class = {h: results[h]["per_class"] for h in results["heads"]}
         analysis.plot_per_class(out / "per_class_accuracy.png", per_class, results["train_counts"],
                                 results["groups"], title)
-        analysis.plot_confusion(out / "confusion_matrix.png", cm, results["train_counts"],
-                                results["class_names"], f"{title} ({results['prediction']})")
+        analysis.plot_confusion(out / "confusion_matrix.png", counts.confusion, results["train_counts"],
+                                results["class_names"], f"{title} ({results['prediction']})", block)
+        if results.get("reliability"):
+            analysis.plot_reliability(out / "reliability.png", results["reliability"], title)
         extra = results.get("analysis")
         if extra:
             analysis.plot_attention(out / "attention_distance.png", extra["attention"])
@@ -445,7 +577,8 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     if teacher is not None:  # a stored size is checked (CheckpointError naming the file) before any data
         teacher_size = cfg["eval"]["teacher_input_size"] or teacher_input_size(teacher_info, 224)
 
-    accelerator = build_accelerator({"mixed_precision": cfg["eval"]["mixed_precision"], "tf32": cfg["eval"]["tf32"]})
+    accelerator = build_accelerator({"mixed_precision": checkpoint_precision(cfg["eval"]["mixed_precision"], info),
+                                     "tf32": cfg["eval"]["tf32"]})
     main_process = accelerator.is_main_process
     log = accelerator.print
     if split_note:
@@ -478,10 +611,20 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     if cfg["eval"]["max_samples"] is not None and cfg["eval"]["max_samples"] < len(dataset_val):
         n = cfg["eval"]["max_samples"]
         dataset = Subset(dataset_val, [i * len(dataset_val) // n for i in range(n)])
-    data_loader = DataLoader(dataset, batch_size=cfg["eval"]["batch_size"], shuffle=False,
-                             num_workers=cfg["data"]["num_workers"], pin_memory=torch.cuda.is_available(),
-                             drop_last=False)
-    data_loader = accelerator.prepare(data_loader)
+
+    def loader(images) -> DataLoader:
+        return accelerator.prepare(DataLoader(images, batch_size=cfg["eval"]["batch_size"], shuffle=False,
+                                              num_workers=cfg["data"]["num_workers"],
+                                              pin_memory=torch.cuda.is_available(), drop_last=False))
+
+    heads = output_names(model) if kind == "student" else ["logits"]
+    base_heads = [h for h in heads if h in ("cls", "dist")] or heads  # a student's avg is derived
+    tune_set, report_set, tuned_on = None, dataset, "none"
+    if cfg["eval"]["posthoc"]:
+        tune_set, report_set, tuned_on = tuning_split(cfg, dataset, stored_holdout, eval_transform,
+                                                      len(base_heads), num_classes, quiet)
+        log(f"post-hoc rows: tuned on {tuned_on} ({len(tune_set) if tune_set is not None else 0} images), "
+            f"reported on {len(report_set)} images")
 
     # ---------------------------------------------------------------- teacher (agreement analysis)
     teacher_perm = None
@@ -500,19 +643,49 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     model = model.to(accelerator.device).eval()
     log(f"evaluating {args.ckpt} ({kind}, {info['format']} format) on {len(dataset)} images, "
         f"{accelerator.num_processes} process(es), device {accelerator.device}{fast_math_summary()}, git {git_sha()}")
-    forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"])
+    forward, hooks = make_forward(kind, model, teacher, teacher_size, cfg["eval"]["analysis"], perm, teacher_perm)
+    prediction = heads[-1]  # the student's combination of its heads, or the teacher's logits
+    columns, num_columns, block = analysis.confusion_columns(dataset_val.train_counts)
+    counts = EvalCounts(num_classes, heads + (["teacher"] if teacher is not None else []),
+                        keep_predictions=cfg["eval"]["analysis"], confusion=prediction,
+                        columns=columns, num_columns=num_columns)
+    keep = (("feat_", "attn_") if cfg["eval"]["analysis"] else ()) + (tuple(heads) if cfg["eval"]["save_logits"] else ())
+    prior = posthoc.log_prior(dataset_val.train_counts)
+    combine = getattr(model, "combine", posthoc.mean_of_heads)  # the student's own rule (one place)
+    params: dict = {}
+    names = posthoc.row_names(heads)
+    passes = []
     with hooks:
-        outputs, targets = collect_logits(model, data_loader, accelerator, forward)
-    heads = output_names(model) if kind == "student" else ["logits"]
-    for key in heads:
-        if perm is not None:
-            outputs[key] = outputs[key][:, perm]
-    if "teacher" in outputs and teacher_perm is not None:
-        outputs["teacher"] = outputs["teacher"][:, teacher_perm]
+        if tune_set is not None:
+            # The tuning images: kept as fp16 logits (capped); when they are test images
+            # (tune_split) they also count in the headline numbers, which cover every image.
+            counted = tuned_on == "tune_split"
+            tuning = stream_evaluation(model, loader(tune_set), accelerator, forward, counts if counted else None,
+                                       keep=tuple(base_heads) + (keep if counted else ()), desc="tune",
+                                       fp16=() if cfg["eval"]["save_logits"] else tuple(base_heads))
+            params = posthoc.tune({h: tuning[h] for h in base_heads}, tuning["targets"], heads, prior,
+                                  num_classes, combine)
+            log(f"post-hoc parameters tuned on {len(tune_set)} images ({tuned_on}): {params}")
+            if counted:
+                passes.append(tuning)
+        else:
+            names = [n for n in names if not posthoc.is_tuned(n)]
+        rows_counts = EvalCounts(num_classes, [f"posthoc/{n}" for n in names],
+                                 calibration=[f"posthoc/{n}" for n in names]) if cfg["eval"]["posthoc"] else None
+
+        def forward_rows(model, images):
+            out = forward(model, images)
+            if rows_counts is not None:
+                out.update({f"posthoc/{k}": v for k, v in
+                            posthoc.rows({h: out[h] for h in heads}, names, params, prior, combine).items()})
+            return out
+
+        passes.append(stream_evaluation(model, loader(report_set), accelerator, forward_rows,
+                                        [c for c in (counts, rows_counts) if c is not None], keep=keep))
+    outputs = {k: torch.cat([p[k] for p in passes]) for k in passes[-1]}  # the tune part first
 
     groups = dataset_val.groups
-    metrics = {h: classification_metrics(outputs[h], targets, groups, num_classes) for h in heads}
-    prediction = heads[-1]  # the student's combination of its heads, or the teacher's logits
+    metrics = counts.metrics(groups, heads)
     results = {
         "kind": kind, "checkpoint": str(args.ckpt), "format": info["format"], "epoch": info.get("epoch"),
         "weights": info.get("weights", "model"), "prediction": prediction, "heads": heads,
@@ -520,13 +693,23 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
         "head": metrics[prediction]["head"], "mid": metrics[prediction]["mid"],
         "tail": metrics[prediction]["tail"],
         **metrics,
-        "num_samples": int(targets.numel()), "world_size": accelerator.num_processes,
+        "num_samples": metrics[prediction]["num_samples"], "world_size": accelerator.num_processes,
         "dataset": cfg["data"]["dataset"], "split": dataset_val.split, "group_rule": dataset_val.group_rule,
         "groups": groups, "class_names": dataset_val.class_names, "train_counts": dataset_val.train_counts,
-        "arch": arch, "config": cfg,
+        "arch": arch, "config": cfg, "precision": precision_summary(accelerator),
     }
+    rule = count_rule_groups(dataset_val.train_counts, cfg["data"]["group_thresholds"])
+    many, few = cfg["data"]["group_thresholds"] or (100, 20)
+    results["count_groups"] = {"rule": f"many > {many}, medium {few}-{many}, few < {few} training images",
+                               "classes": rule}
+    for h in heads:
+        results["count_groups"][h] = {g: group_mean(metrics[h]["per_class"], rule[g]) for g in rule}
+    if rows_counts is not None:
+        results.update(posthoc_results(rows_counts, names, params, tuned_on, groups, dataset_val.train_counts))
+        results["posthoc_tuning"] = {"tuned_on": tuned_on, "images": len(tune_set) if tune_set is not None else 0,
+                                     "params": params}
     if cfg["eval"]["analysis"]:
-        results["analysis"] = run_analyses(outputs, targets, groups, num_classes, model, arch)
+        results["analysis"] = run_analyses(outputs, counts, groups, model, arch)
         if teacher is not None:
             results["analysis"]["teacher_checkpoint"] = str(args.teacher)
             results["analysis"]["teacher_input_size"] = teacher_size
@@ -534,10 +717,15 @@ def evaluate_checkpoint(argv: list[str] | None) -> int:
     # ---------------------------------------------------------------- report
     if main_process:
         print(format_report(results))
-        cm = confusion_matrix(outputs[prediction].argmax(1), targets, num_classes)
-        write_outputs(results, cm, args.json, args.out_dir)
+        write_outputs(results, counts, block, args.json, args.out_dir)
         if args.export or args.push_to_hub:
             share(args, model, info, results, cfg, perm)
+        if cfg["eval"]["save_logits"]:
+            Path(cfg["eval"]["save_logits"]).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"logits": {h: outputs[h].float() for h in heads}, "targets": outputs["targets"].long(),
+                        "indices": image_order(tune_set, report_set, tuned_on, len(dataset)),
+                        "class_names": dataset_val.class_names}, cfg["eval"]["save_logits"])
+            print(f"logits written to {cfg['eval']['save_logits']}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group of a multi-process launch
     return 0

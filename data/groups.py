@@ -114,3 +114,11 @@ def class_groups(dataset_name: str, train_counts: Sequence[int], rule: str = "re
     for c, n in enumerate(train_counts):
         groups["head" if n > a else "tail" if n < b else "mid"].append(c)
     return groups
+
+
+def count_rule_groups(train_counts: Sequence[int], thresholds: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """The field's many / medium / few-shot classes (more than ``many``, ``few`` to ``many``,
+    fewer than ``few`` training images; default 100 / 20), reported beside the reference's
+    index ranges so results compare with both (ImageNet-LT, iNat: the literature's table)."""
+    groups = class_groups("generic", train_counts, "count", thresholds)
+    return {"many": groups["head"], "medium": groups["mid"], "few": groups["tail"]}

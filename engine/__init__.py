@@ -6,7 +6,10 @@
 - ``engine.seeding``: per-run, per-step and per-image seeds (exact mid-epoch resume).
 - ``engine.loop``: loaders, steps per epoch, the once-per-step bookkeeping (non-finite loss,
   SIGTERM, progress lines, intermediate saves), gathering weights for checkpoints.
-- ``engine.metrics``: evaluation on every process, top-1/top-5, per-class and head/mid/tail.
+- ``engine.metrics``: evaluation on every process, streamed as per-class counts: top-1/top-5,
+  per-class and head/mid/tail.
+- ``engine.posthoc``: evaluate.py's post-hoc rows (logit adjustment, expert combinations),
+  calibration and test-prior shift.
 - ``engine.run_folder``: the output folder: lock, resume decision, atomic state saves, log
   lines, portable checkpoints (.pth and .safetensors), preemption, the best run's plot.
 - ``engine.trackers``: experiment trackers through accelerate (``log.trackers``).

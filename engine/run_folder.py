@@ -421,6 +421,8 @@ def plot_best_per_class(accelerator, output_dir, dataset) -> None:
     per_class = {k: v["per_class"] for k, v in metrics.items()
                  if isinstance(v, dict) and "per_class" in v and not k.startswith("ema_")}
     if per_class:
+        print(f"plotting the best checkpoint's per-class accuracy: {Path(output_dir) / 'per_class_accuracy.png'}",
+              flush=True)
         analysis.plot_per_class(Path(output_dir) / "per_class_accuracy.png", per_class,
                                 dataset.train_counts, dataset.groups,
                                 f"{Path(output_dir).name}: best checkpoint on {dataset.split}")

@@ -205,8 +205,11 @@ def test_distributed_equals_single_process(work, student_run):
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert proc.stdout.count("processes   2") == 1  # only the main process reports
     assert a["num_samples"] == b["num_samples"] == 37
-    for key in ("overall", "top5", "head", "mid", "tail", "cls", "dist", "avg", "groups"):
+    for key in ("overall", "top5", "head", "mid", "tail", "cls", "dist", "avg", "groups", "count_groups",
+                "posthoc_images"):
         assert a[key] == b[key], key
+    for name in ("cls", "dist", "avg", "avg_la", "avg_cls_la"):  # untuned post-hoc rows: the same images
+        assert a["posthoc"][name] == b["posthoc"][name], name
     ra, rb = a["analysis"], b["analysis"]
     assert ra["agreement"] == rb["agreement"] and ra["teacher"] == rb["teacher"]
     for token in ("cls", "dist"):
