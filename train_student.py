@@ -95,6 +95,8 @@ SPEC = {
                                "(bicubic, antialias=False); null: the teacher's own size", int),
         "fold_bn": (True, "fold the frozen teacher's BatchNorms into its convolutions (same logits "
                     "up to rounding, a faster teacher)"),
+        "teacher_fp32": (False, "run the teacher in fp32 without autocast, so hard targets are argmaxed "
+                         "from fp32 logits (off: under the run's autocast, the reference)"),
         "alpha": (0.5, "weight of the distillation term: (1-a) base + a distill"),
         "tau": (1.0, "temperature of soft distillation"),
         "drw_epoch": (None, "epoch (0-based) from which the distillation CE is class-weighted "
@@ -424,7 +426,8 @@ def main(cfg: dict) -> dict:
                                  teacher_setup["teacher"], dcfg["type"], dcfg["alpha"], dcfg["tau"],
                                  teacher_input_size=teacher_setup["input_size"],
                                  class_map=teacher_setup["class_map"],
-                                 renormalize=teacher_setup["renormalize"]).to(accelerator.device)
+                                 renormalize=teacher_setup["renormalize"],
+                                 teacher_fp32=dcfg["teacher_fp32"]).to(accelerator.device)
 
     # ------------------------------------------------------------------ resume
     run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)

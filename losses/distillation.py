@@ -18,7 +18,10 @@ distillation"), resized with ``antialias=False`` to its input size, under ``no_g
 mode. Optionally (``renormalize``) that batch is re-normalised from the student's mean/std to
 the teacher's after the resize (the reference does not: its CIFAR teachers were trained with
 CIFAR statistics and are fed ImageNet-normalised batches). Losses are computed in float32
-whatever the autocast dtype of the logits.
+whatever the autocast dtype of the logits. The teacher runs under the training loop's autocast
+(the reference) unless ``teacher_fp32``: then it runs in float32 with autocast off, so the hard
+targets are argmaxed from fp32 logits (bf16 rounding makes near-ties fall to the lowest, i.e.
+the most frequent, class; bench/teacher_precision.py measures how often the targets change).
 """
 from __future__ import annotations
 
@@ -144,8 +147,10 @@ class DistillationLoss(nn.Module):
     def __init__(self, base_criterion: Callable, teacher: nn.Module | None, distillation_type: str,
                  alpha: float, tau: float, teacher_input_size: int | Sequence[int] | None = None,
                  class_map: Sequence[int] | None = None,
-                 renormalize: Sequence[Sequence[float]] | None = None) -> None:
-        """``renormalize=(from_mean, from_std, to_mean, to_std)`` (3 floats each): the batch the
+                 renormalize: Sequence[Sequence[float]] | None = None,
+                 teacher_fp32: bool = False) -> None:
+        """``teacher_fp32``: run the teacher in float32 with autocast disabled (default: under the
+        caller's autocast, the reference). ``renormalize=(from_mean, from_std, to_mean, to_std)`` (3 floats each): the batch the
         teacher sees (after the resize) is ``((x * from_std + from_mean) - to_mean) / to_std``,
         i.e. un-normalised from the student's statistics and normalised with the teacher's.
         None (default): the student's normalised batch as it is (the reference)."""
@@ -157,6 +162,7 @@ class DistillationLoss(nn.Module):
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
+        self.teacher_fp32 = teacher_fp32
         if isinstance(teacher_input_size, int):
             teacher_input_size = (teacher_input_size, teacher_input_size)
         self.teacher_input_size = None if teacher_input_size is None else tuple(teacher_input_size)
@@ -196,7 +202,13 @@ class DistillationLoss(nn.Module):
         if self.renorm_from_std is not None:  # one new tensor (x is never modified), then in place
             x = x.mul(self.renorm_from_std).add_(self.renorm_from_mean).sub_(
                 self.renorm_to_mean).div_(self.renorm_to_std)
-        return self.teacher(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.teacher_fp32:
+            # The whole teacher, not only its head: a head in fp32 on bf16 features would still
+            # see rounded inputs, and the teacher is a small part of a step's cost.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.teacher(x.float())
+        return self.teacher(x)
 
     def forward(self, inputs: torch.Tensor, outputs: dict[str, torch.Tensor],
                 targets: torch.Tensor, class_weights: torch.Tensor | None = None

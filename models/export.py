@@ -13,7 +13,8 @@ measured the checkpoint. The folder, written by timm's own ``timm.models.save_fo
   class map, class names, training counts, the measured numbers) from which ``models.hub`` rebuilds
   the portable checkpoint, so ``evaluate.py --ckpt local-dir:DIR`` needs at most a data path;
 * ``README.md``: the model card (what the model is, teacher, data, the training config and
-  command, the commit, the table just measured, loading with timm, licence, citation);
+  command, the commit, the table just measured and, when evaluate.py measured them, the field's
+  rows: count-rule groups, post-hoc rows with calibration; loading with timm, licence, citation);
 * ``train_config.yaml``: the stored training config, when the checkpoint has one.
 
 The student is timm's ``VisionTransformerDistilled``; in eval mode timm's forward returns the mean
@@ -171,6 +172,38 @@ def _teacher_line(run_config: dict | None) -> str:
     return f"`{what}`{name}, {d.get('type')} distillation"
 
 
+def _field_rows(results: dict) -> list[str]:
+    """The card's tables of the field's rows, when evaluate.py measured them: many / medium / few
+    by training count (``count_groups``), and the post-hoc rows with their calibration
+    (``posthoc``, ``calibration``, on ``posthoc_images`` images). Empty without them."""
+    lines = []
+    count = results.get("count_groups")
+    if count:
+        sizes = " / ".join(str(len(count["classes"][g])) for g in ("many", "medium", "few"))
+        lines += ["", f"Many / medium / few by the field's count rule ({count['rule']}; {sizes} classes), "
+                      f"on the same {results['num_samples']} images:", "",
+                  "| output | many | medium | few |", "|---|---|---|---|"]
+        lines += [f"| {h} | " + " | ".join(_fmt(count[h][g]) for g in ("many", "medium", "few")) + " |"
+                  for h in results["heads"] if h in count]
+    if results.get("posthoc"):
+        tuning = results.get("posthoc_tuning") or {}
+        where = (f"; tuned rows chose their parameter on {tuning['images']} other images "
+                 f"({tuning['tuned_on']})" if tuning.get("images") else "")
+        lines += ["", f"Post-hoc rows (evaluate.py's `posthoc`: logit adjustment by the training prior, expert "
+                      f"combinations; ECE in % over 15 bins, NLL per image), on **{results['posthoc_images']} "
+                      f"images**{where}. timm's forward returns `avg`; the other rows need the training "
+                      f"counts (config.json `deit_lt`).", "",
+                  "| row | top-1 | head | mid | tail | ECE | NLL | parameter | tuned on |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in results["posthoc"].items():
+            cal = (results.get("calibration") or {}).get(name) or {}
+            nll = "-" if cal.get("nll") is None else f"{cal['nll']:.3f}"
+            param = ", ".join(f"{k}={v:.4g}" for k, v in (row.get("param") or {}).items()) or "-"
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in ("top1", "head", "mid", "tail"))
+                         + f" | {_fmt(cal.get('ece'))} | {nll} | {param} | {row.get('tuned_on', 'none')} |")
+    return lines
+
+
 def model_card(*, kind: str, arch: dict, timm_name: str, info: dict, results: dict, run_config: dict | None,
                data: dict, train_counts, weights: str, load_id: str, license: str, source: str,
                subset: bool = False) -> str:
@@ -223,6 +256,7 @@ def model_card(*, kind: str, arch: dict, timm_name: str, info: dict, results: di
         "| output | top-1 | top-5 | head | mid | tail |",
         "|---|---|---|---|---|---|",
         *rows,
+        *_field_rows(results),
         "",
         f"Measured again with `python evaluate.py --ckpt {load_id} data.path=DATA`.",
         "",

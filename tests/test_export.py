@@ -121,6 +121,20 @@ def test_config_and_card(work):
     assert f'timm.create_model("local-dir:{work["out"]}", pretrained=True)' in card
     assert "accelerate launch train_student.py --config train_config.yaml" in card and "@inproceedings" in card
     assert (work["out"] / "train_config.yaml").is_file()
+    # the field's rows (evaluate.py's defaults measure them): count-rule groups, post-hoc rows with calibration
+    ev = work["eval"]
+    count = ev["count_groups"]
+    assert count["rule"] in card and "| output | many | medium | few |" in card
+    assert "| avg | " + " | ".join(f"{count['avg'][g]:.2f}" if count["avg"][g] is not None else "-"
+                                   for g in ("many", "medium", "few")) + " |" in card
+    assert f"**{ev['posthoc_images']} images**" in card and ev["posthoc"]
+    table = card.split("| row | top-1 |")[1].split("\n\n")[0].splitlines()
+    for name, row in ev["posthoc"].items():
+        cal = ev["calibration"][name]
+        line = next(line for line in table if line.startswith(f"| {name} | {row['top1']:.2f} | "))
+        assert f"| {cal['ece']:.2f} | {cal['nll']:.3f} |" in line and line.endswith(f"| {row['tuned_on']} |")
+    w = ev["posthoc"]["weighted"]
+    assert w["tuned_on"] != "none" and f"w_cls={w['param']['w_cls']:.4g}" in card
     assert "exported student (model_ema weights)" in work["stdout"]
 
 

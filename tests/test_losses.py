@@ -148,6 +148,44 @@ def test_teacher_sees_resized_input_without_antialias():
     assert not teacher.training
 
 
+def test_teacher_fp32_argmaxes_fp32_logits_under_bf16_autocast():
+    # A linear teacher whose two logits differ by less than bf16's spacing at 1.0 (2^-7):
+    # under bf16 autocast they tie and argmax takes class 0; in fp32 class 1 wins.
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, bias=False))
+    with torch.no_grad():
+        teacher[1].weight.zero_()
+        teacher[1].weight[0, 0] = 1.0
+        teacher[1].weight[1, 0] = teacher[1].weight[1, 1] = 1.0
+        teacher[1].weight[2, 2] = 1.0
+    inputs = torch.zeros(6, 3, 2, 2)
+    inputs[:, 0, 0, 0] = 1.0
+    inputs[:, 0, 0, 1] = torch.linspace(5e-4, 3e-3, 6)  # class 1's margin over class 0
+    inputs[:, 0, 1, 0] = 0.5
+    fp32_targets = teacher(inputs).argmax(1)
+    assert fp32_targets.tolist() == [1] * 6
+    outputs = {"cls": torch.randn(6, 3), "dist": torch.randn(6, 3)}
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(**kwargs):
+        loss_fn = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", 0.5, 1.0, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = loss_fn.teacher_logits(inputs)
+            _, parts = loss_fn(inputs, outputs, labels)
+            reference = teacher(inputs.contiguous(memory_format=torch.channels_last))
+        return logits, parts, reference
+
+    # default: the reference's autocast teacher, exactly (bf16 logits, the ties go to class 0)
+    logits, parts, reference = run()
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference)
+    assert logits.argmax(1).tolist() == [0] * 6
+    torch.testing.assert_close(parts["distill"], 0.5 * F.cross_entropy(outputs["dist"], logits.float().argmax(1)))
+    # teacher_fp32: fp32 logits, equal to the fp32 forward, and the fp32 argmax as hard targets
+    logits, parts, _ = run(teacher_fp32=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, teacher(inputs), rtol=0, atol=0)
+    torch.testing.assert_close(parts["distill"], 0.5 * F.cross_entropy(outputs["dist"], fp32_targets))
+
+
 def test_class_map_hard_and_soft():
     torch.manual_seed(0)
     teacher_logits = torch.randn(6, 4)
