@@ -185,7 +185,7 @@ def validate(cfg: dict, files: bool = True) -> None:
     check(not (d["type"] == "soft" and d["drw_epoch"] is not None), "distill.drw_epoch",
           "DRW weights apply to hard distillation only (the reference's weighted soft loss is a "
           "known bug); set distill.drw_epoch=null with distill.type=soft")
-    if d["drw_epoch"] is not None:
+    if d["drw_epoch"] is not None and t["epochs"] > 0:
         check(0 <= d["drw_epoch"] <= t["epochs"], "distill.drw_epoch",
               f"must be in [0, train.epochs={t['epochs']}]")
 
@@ -600,8 +600,14 @@ def main(cfg: dict) -> dict:
     return {"metrics": metrics, "best": progress["best"]}
 
 
-if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
+def config_from_args(argv: list[str] | None = None) -> dict:
+    """The resolved, checked config of a command line (``--print-config``, ``--print-schedule``
+    and config errors exit here), as ``__main__`` runs it."""
+    return load_config(SPEC, argv, description=__doc__, validate=validate, actions={
         "--print-schedule": ("print a header (peak lr, processes, steps/epoch, DRW epoch) and one "
                              "JSON line per epoch (epoch, lr, drw, mixup) and exit, without data or "
-                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))))
+                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, config_from_args()))

@@ -126,12 +126,12 @@ def validate(cfg: dict, files: bool = True) -> None:
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
     check(all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]),
           "sched.milestones", "must be integers")
-    if s["sched"] == "step":  # (cosine ignores the milestones)
+    if s["sched"] == "step" and epochs > 0:  # (cosine ignores the milestones)
         late = [m for m in s["milestones"] if not 0 <= m <= epochs]
         check(not late, "sched.milestones",
               f"{late} lie outside [0, train.epochs={epochs}]: the lr would never decay there "
               f"(set the milestones for this number of epochs, e.g. sched.milestones=[...])")
-    if lcfg["drw_epoch"] is not None:
+    if lcfg["drw_epoch"] is not None and epochs > 0:
         check(0 <= lcfg["drw_epoch"] <= epochs, "loss.drw_epoch",
               f"must be in [0, train.epochs={epochs}] (null: never), got {lcfg['drw_epoch']}")
     check(s["gamma"] > 0, "sched.gamma", f"must be > 0, got {s['gamma']}")
@@ -177,15 +177,9 @@ def run_rho(cfg: dict, epoch: int = 0) -> float:
 
 
 def smoke(cfg: dict) -> str:
-    """``--smoke``: see ``engine.run_config.smoke_config``; rho_schedule's epochs scale too."""
-    o, old = cfg["optim"], cfg["train"]["epochs"]
-    note = smoke_config(cfg, [("sched", "warmup_epochs"), ("sched", "milestones"), ("loss", "drw_epoch")])
-    if o["rho_schedule"] and old >= 1:
-        new = cfg["train"]["epochs"]
-        o["rho_schedule"] = [[min(new, p[0] * new // old), p[1]] if isinstance(p, list) and len(p) == 2
-                             and isinstance(p[0], int) and p[0] >= 0 else p for p in o["rho_schedule"]]
-        note += f", optim.rho_schedule={o['rho_schedule']}"
-    return note
+    """``--smoke``: see ``engine.run_config.smoke_config``."""
+    return smoke_config(cfg, [("sched", "warmup_epochs"), ("sched", "milestones"), ("loss", "drw_epoch"),
+                              ("optim", "rho_schedule")])
 
 
 def learning_rate(cfg: dict, epoch: float) -> float:
@@ -460,8 +454,14 @@ def main(cfg: dict) -> dict:
     return {"metrics": metrics, "best": progress["best"]}
 
 
-if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
+def config_from_args(argv: list[str] | None = None) -> dict:
+    """The resolved, checked config of a command line (``--print-config``, ``--print-schedule``
+    and config errors exit here), as ``__main__`` runs it."""
+    return load_config(SPEC, argv, description=__doc__, validate=validate, actions={
         "--print-schedule": ("print a header (peak lr, processes, steps/epoch, DRW epoch) and one "
                              "JSON line per epoch (epoch, lr, drw, rho) and exit, without data or "
-                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))))
+                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, config_from_args()))

@@ -135,8 +135,8 @@ SMOKE_HELP = (f"a quick end-to-end check of this config: {SMOKE_EPOCHS} epochs o
 def smoke_config(cfg: dict, epoch_keys: list[tuple[str, str]]) -> str:
     """Turn ``cfg`` into a smoke run in place (``--smoke``) and say what changed.
 
-    ``epoch_keys``: the script's ``(section, key)`` entries that name an epoch (an int, null or
-    a list of ints, e.g. milestones), scaled by ``SMOKE_EPOCHS / train.epochs`` (rounded down)
+    ``epoch_keys``: the script's ``(section, key)`` entries that name an epoch (an int, null, a
+    list of ints such as milestones, or of ``[epoch, value]`` pairs), scaled by ``SMOKE_EPOCHS / train.epochs`` (rounded down)
     so the phases keep their order; a warm-up of >= 1 epoch stays >= 1. The run folder gets a
     ``_smoke`` suffix: a smoke run never mixes with the real run's resume state."""
     t = cfg["train"]
@@ -150,8 +150,9 @@ def smoke_config(cfg: dict, epoch_keys: list[tuple[str, str]]) -> str:
 
     for section, key in epoch_keys:
         value = cfg[section][key]
-        if isinstance(value, list):
-            cfg[section][key] = [scale(v) for v in value]
+        if isinstance(value, list):  # epochs, or [epoch, value] pairs (optim.rho_schedule)
+            cfg[section][key] = [[scale(v[0]), *v[1:]] if isinstance(v, list) and v else scale(v)
+                                 for v in value]
         elif key == "warmup_epochs" and isinstance(value, int) and value >= 1:
             cfg[section][key] = max(1, scale(value))
         else:
