@@ -245,3 +245,13 @@ def test_smoke_runs_of_the_cpu_configs_train_and_evaluate(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "student_smoke" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2] and log[-1]["drw"]
     assert all("top1" in json.dumps(r) for r in log[1:]) and (tmp_path / "student_smoke" / "checkpoint.pth").is_file()
+
+
+def test_a_run_stored_with_a_relative_data_path_still_resumes(tmp_path, monkeypatch):
+    """Runs made before data paths were stored absolute compare equal (same working folder)."""
+    from engine.run_folder import config_differences
+
+    monkeypatch.chdir(tmp_path)
+    old = {"data": {"path": "own", "root": None}, "train": {"epochs": 3}}
+    assert config_differences(old, {"data": {"path": str(tmp_path / "own"), "root": None}, "train": {"epochs": 3}}) == []
+    assert config_differences(old, {"data": {"path": str(tmp_path / "other"), "root": None}, "train": {"epochs": 3}})
