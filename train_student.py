@@ -130,7 +130,7 @@ SPEC = {
 def validate(cfg: dict, files: bool = True) -> None:
     """Every check that needs no data, before any work (ConfigError naming the key; run inside
     ``utils.collect_errors`` all failures are listed at once). ``files=False`` (--print-config,
-    --print-schedule) skips those that read the teacher / init files."""
+    --print-schedule) skips those about the teacher / init files."""
     from data.build import check_input_size
     from engine.run_config import known_optimizer
     from models.safe_load import check_torch_file
@@ -169,7 +169,7 @@ def validate(cfg: dict, files: bool = True) -> None:
           "needs distill.teacher_model (the timm name whose pretrained weights to load)")
     check(not (d["teacher_pretrained"] and d["teacher_ckpt"] is not None), "distill.teacher_pretrained",
           "give either distill.teacher_ckpt or distill.teacher_pretrained=true, not both")
-    if d["type"] != "none" and not d["teacher_pretrained"]:
+    if d["type"] != "none" and not d["teacher_pretrained"] and files:  # (printing needs no teacher)
         check(d["teacher_ckpt"] is not None, "distill.teacher_ckpt",
               f"distill.type={d['type']} needs a teacher checkpoint (or use distill.type=none)")
     for key, path in (("distill.teacher_ckpt", d["teacher_ckpt"] if d["type"] != "none" else None),

@@ -136,9 +136,10 @@ def smoke_config(cfg: dict, epoch_keys: list[tuple[str, str]]) -> str:
     """Turn ``cfg`` into a smoke run in place (``--smoke``) and say what changed.
 
     ``epoch_keys``: the script's ``(section, key)`` entries that name an epoch (an int, null, a
-    list of ints such as milestones, or of ``[epoch, value]`` pairs), scaled by ``SMOKE_EPOCHS / train.epochs`` (rounded down)
-    so the phases keep their order; a warm-up of >= 1 epoch stays >= 1. The run folder gets a
-    ``_smoke`` suffix: a smoke run never mixes with the real run's resume state."""
+    list of ints such as milestones, or of ``[epoch, value]`` pairs), scaled by
+    ``SMOKE_EPOCHS / train.epochs`` (rounded down) so the phases keep their order and the last
+    ones still run; a warm-up of >= 1 epoch stays >= 1. The run folder gets a ``_smoke``
+    suffix: a smoke run never mixes with the real run's resume state."""
     t = cfg["train"]
     old = t["epochs"]
     new = min(old, SMOKE_EPOCHS) if old >= 1 else old
