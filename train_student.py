@@ -30,7 +30,9 @@ from data import AUG_SPEC, DATA_SPEC
 from data.transforms import build_device_feed
 from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator
-from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
+from data.build import finalize_data
+from engine.run_config import (LOG_SPEC, RUN_SPEC, SMOKE_HELP, effective_accum, expected_steps_per_epoch,
+                               smoke_config, validate_run)
 from engine.seeding import seed_everything, step_seed
 from errors import CheckpointError, ConfigError, run_main
 from losses.distillation import DISTILLATION_TYPES, DistillationLoss, check_distillation_settings
@@ -40,7 +42,7 @@ from models.distill_teacher import load_distillation_teacher, read_teacher_file
 from models.hub import is_hub_source, resolve_folder
 from models.ema import ModelEma
 from models.student import build_student, output_names, student_arch, student_outputs, unwrap
-from utils import check, load_config, with_defaults
+from utils import check, load_config, report, with_defaults
 
 SPEC = {
     "data": dict(DATA_SPEC),
@@ -122,14 +124,20 @@ SPEC = {
 }
 
 
-def validate(cfg: dict) -> None:
+def validate(cfg: dict, files: bool = True) -> None:
+    """Every check that needs no data, before any work (ConfigError naming the key; run inside
+    ``utils.collect_errors`` all failures are listed at once). ``files=False`` (--print-config,
+    --print-schedule) skips those about the teacher / init files."""
     from data.build import check_input_size
     from engine.run_config import known_optimizer
     from models.safe_load import check_torch_file
 
     validate_run(cfg)
     t, d, m, o, s = cfg["train"], cfg["distill"], cfg["model"], cfg["optim"], cfg["sched"]
-    check_distillation_settings(d["type"], d["alpha"], d["tau"], ConfigError, prefix="distill.")
+    try:
+        check_distillation_settings(d["type"], d["alpha"], d["tau"], ConfigError, prefix="distill.")
+    except ConfigError as e:  # listed with the other problems (utils.collect_errors)
+        report(e)
     check(0.0 <= d["drw_beta"] < 1.0, "distill.drw_beta",
           f"must be in [0, 1) (class weights (1 - beta) / (1 - beta^n)), got {d['drw_beta']}")
     if d["teacher_input_size"] is not None:
@@ -141,6 +149,7 @@ def validate(cfg: dict) -> None:
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         check(m[key] is None or m[key] >= 1, f"model.{key}", f"must be >= 1 (null: from the name), got {m[key]}")
     check(m["mlp_ratio"] is None or m["mlp_ratio"] > 0, "model.mlp_ratio", f"must be > 0, got {m['mlp_ratio']}")
+    check_student_arch(cfg)
     check(0.0 <= t["model_ema_decay"] <= 1.0, "train.model_ema_decay",
           f"must be in [0, 1] (the EMA keeps decay x old + (1 - decay) x new), got {t['model_ema_decay']}")
     check(known_optimizer(o["opt"]), "optim.opt",
@@ -159,12 +168,12 @@ def validate(cfg: dict) -> None:
           "needs distill.teacher_model (the timm name whose pretrained weights to load)")
     check(not (d["teacher_pretrained"] and d["teacher_ckpt"] is not None), "distill.teacher_pretrained",
           "give either distill.teacher_ckpt or distill.teacher_pretrained=true, not both")
-    if d["type"] != "none" and not d["teacher_pretrained"]:
+    if d["type"] != "none" and not d["teacher_pretrained"] and files:  # (printing needs no teacher)
         check(d["teacher_ckpt"] is not None, "distill.teacher_ckpt",
               f"distill.type={d['type']} needs a teacher checkpoint (or use distill.type=none)")
     for key, path in (("distill.teacher_ckpt", d["teacher_ckpt"] if d["type"] != "none" else None),
                       ("model.init_ckpt", m["init_ckpt"])):
-        if path is None:
+        if path is None or not files:
             continue
         if is_hub_source(path):  # hf-hub:/local-dir:/a timm hub folder: fetched (or refused offline) now
             resolve_folder(path, key)
@@ -178,9 +187,37 @@ def validate(cfg: dict) -> None:
     check(not (d["type"] == "soft" and d["drw_epoch"] is not None), "distill.drw_epoch",
           "DRW weights apply to hard distillation only (the reference's weighted soft loss is a "
           "known bug); set distill.drw_epoch=null with distill.type=soft")
-    if d["drw_epoch"] is not None:
+    if d["drw_epoch"] is not None and t["epochs"] > 0:
         check(0 <= d["drw_epoch"] <= t["epochs"], "distill.drw_epoch",
               f"must be in [0, train.epochs={t['epochs']}]")
+
+
+def check_student_arch(cfg: dict) -> None:
+    """The student the ``model`` section names resolves (``student_arch``'s checks: a known
+    name or every number given, embed_dim divisible by num_heads, ...) and takes
+    data.input_size images: ConfigError naming the key, before the data are built."""
+    m = cfg["model"]
+    if any(isinstance(m[k], (int, float)) and m[k] < 1 for k in ("patch_size", "embed_dim", "depth", "num_heads")):
+        return  # named by validate's own range checks
+    try:
+        arch = student_arch(m["name"], 2, img_size=m["img_size"], patch_size=m["patch_size"],
+                            embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
+                            mlp_ratio=m["mlp_ratio"])
+    except ValueError as e:
+        text = str(e)
+        key = ("model.name" if "is not a timm name" in text else "model.num_heads" if "num_heads" in text
+               else "model.patch_size" if "patch_size" in text else "model.mlp_ratio" if "mlp_ratio" in text
+               else "model")
+        check(False, key, text)
+        return
+    check(arch["img_size"] == cfg["data"]["input_size"], "data.input_size",
+          f"must equal the student's img_size {arch['img_size']} (model.name / model.img_size), "
+          f"got {cfg['data']['input_size']}")
+
+
+def smoke(cfg: dict) -> str:
+    """``--smoke``: see ``engine.run_config.smoke_config``."""
+    return smoke_config(cfg, [("sched", "warmup_epochs"), ("distill", "drw_epoch")])
 
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
@@ -264,22 +301,34 @@ def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None 
 
 
 def print_schedule(cfg: dict) -> None:
-    """``--print-schedule``: one JSON line per epoch, without data or models: the lr at the
-    epoch's first optimiser step (the peak lr for ``train.recipe_processes``, else for the
-    ``WORLD_SIZE`` of the environment, 1 by default), whether DRW and mixup/cutmix are on."""
+    """``--print-schedule``: a ``#`` header line (peak lr, processes assumed, optimiser steps
+    per epoch where known without the data, DRW epoch), then one JSON line per epoch, without
+    data or models: the lr at the epoch's first optimiser step (6 significant digits; the
+    peak lr for ``train.recipe_processes``, else for the ``WORLD_SIZE`` of the environment, 1
+    by default), whether DRW and mixup/cutmix are on."""
     import json
     import os
 
+    t = cfg["train"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    peak = scaled_lr(cfg, world)
     param = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.SGD([param], lr=scaled_lr(cfg, world))
+    optimizer = torch.optim.SGD([param], lr=peak)
     scheduler = build_scheduler(cfg, optimizer)
     d, aug = cfg["distill"], cfg["aug"]
     mixup = aug["mixup"] > 0 or aug["cutmix"] > 0
-    for epoch in range(cfg["train"]["epochs"]):
+    images, steps = expected_steps_per_epoch(cfg, world)
+    print(f"# peak lr {peak:.6g} ({cfg['optim']['lr']:g} x lr rule '{cfg['optim']['lr_scaling']}', "
+          f"{t['recipe_processes'] or world} process(es) assumed: "
+          f"{'train.recipe_processes' if t['recipe_processes'] else 'WORLD_SIZE'}) | "
+          + (f"{steps} optimiser steps/epoch ({images} training images) | " if steps is not None
+             else "optimiser steps/epoch: need the data (see the start-up line) | ")
+          + f"DRW from epoch {d['drw_epoch'] if d['drw_epoch'] is not None else 'never'} | "
+          f"{t['epochs']} epochs")
+    for epoch in range(t["epochs"]):
         scheduler.step(epoch)  # what train_one_epoch does at the epoch's first step
         drw = drw_active(epoch, d["drw_epoch"])
-        print(json.dumps({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "drw": drw,
+        print(json.dumps({"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "drw": drw,
                           "mixup": mixup and not (drw and d["no_mixup_drw"])}))
 
 
@@ -505,7 +554,14 @@ def main(cfg: dict) -> dict:
     return {"metrics": metrics, "best": run_state["best"]}
 
 
+def config_from_args(argv: list[str] | None = None) -> dict:
+    """The resolved, checked config of a command line (``--print-config``, ``--print-schedule``
+    and config errors exit here), as ``__main__`` runs it."""
+    return load_config(SPEC, argv, description=__doc__, validate=validate, actions={
+        "--print-schedule": ("print a header (peak lr, processes, steps/epoch, DRW epoch) and one "
+                             "JSON line per epoch (epoch, lr, drw, mixup) and exit, without data or "
+                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
-        "--print-schedule": ("print one JSON line per epoch (epoch, lr, drw, mixup) and exit, "
-                             "without data or models", print_schedule)})))
+    sys.exit(run_main(main, config_from_args()))

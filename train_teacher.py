@@ -27,7 +27,9 @@ from data.paco_views import paco_transform
 from data.transforms import NORMALIZATION, build_device_feed
 from engine import loop, metrics as eval_metrics, run_folder, trackers
 from engine.device import build_accelerator
-from engine.run_config import LOG_SPEC, RUN_SPEC, effective_accum, validate_run
+from data.build import finalize_data
+from engine.run_config import (LOG_SPEC, RUN_SPEC, SMOKE_HELP, effective_accum, expected_steps_per_epoch,
+                               smoke_config, validate_run)
 from engine.seeding import seed_everything, step_seed
 from errors import ConfigError, run_main
 from losses.drw import drw_active, drw_weights
@@ -111,23 +113,26 @@ SPEC = {
 }
 
 
-def validate(cfg: dict) -> None:
+def validate(cfg: dict, files: bool = True) -> None:
+    """Every check that needs no data, before any work (ConfigError naming the key; run inside
+    ``utils.collect_errors`` all failures are listed at once). ``files=False`` (--print-config,
+    --print-schedule) skips the one that looks for model.init_ckpt."""
     validate_run(cfg)
     o, s, lcfg, epochs = cfg["optim"], cfg["sched"], cfg["loss"], cfg["train"]["epochs"]
-    if cfg["model"]["init_ckpt"] is not None and is_hub_source(cfg["model"]["init_ckpt"]):
+    if cfg["model"]["init_ckpt"] is not None and files and is_hub_source(cfg["model"]["init_ckpt"]):
         resolve_folder(cfg["model"]["init_ckpt"], "model.init_ckpt")  # fetched (or refused offline) now
-    elif cfg["model"]["init_ckpt"] is not None:
+    elif cfg["model"]["init_ckpt"] is not None and files:
         check(Path(cfg["model"]["init_ckpt"]).is_file(), "model.init_ckpt",
               f"file not found: {cfg['model']['init_ckpt']}")
     check(o["rho"] >= 0, "optim.rho", "must be >= 0")
     check(all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]),
           "sched.milestones", "must be integers")
-    if s["sched"] == "step":  # (cosine ignores the milestones)
+    if s["sched"] == "step" and epochs > 0:  # (cosine ignores the milestones)
         late = [m for m in s["milestones"] if not 0 <= m <= epochs]
         check(not late, "sched.milestones",
               f"{late} lie outside [0, train.epochs={epochs}]: the lr would never decay there "
               f"(set the milestones for this number of epochs, e.g. sched.milestones=[...])")
-    if lcfg["drw_epoch"] is not None:
+    if lcfg["drw_epoch"] is not None and epochs > 0:
         check(0 <= lcfg["drw_epoch"] <= epochs, "loss.drw_epoch",
               f"must be in [0, train.epochs={epochs}] (null: never), got {lcfg['drw_epoch']}")
     check(s["gamma"] > 0, "sched.gamma", f"must be > 0, got {s['gamma']}")
@@ -162,6 +167,20 @@ def validate(cfg: dict) -> None:
                   and p[0] >= 0 and number(p[1]) and p[1] >= 0 for p in o["rho_schedule"]),
               "optim.rho_schedule", "must be a list of [start_epoch, rho] pairs (start_epoch an "
               "integer >= 0, rho a number >= 0)")
+        check(any(isinstance(p, list) and p and p[0] == 0 for p in o["rho_schedule"]),
+              "optim.rho_schedule", "must start at epoch 0 (a [0, rho] pair)")
+
+
+def run_rho(cfg: dict, epoch: int = 0) -> float:
+    """SAM's rho at ``epoch``: from optim.rho_schedule when set, else optim.rho."""
+    o = cfg["optim"]
+    return rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
+
+
+def smoke(cfg: dict) -> str:
+    """``--smoke``: see ``engine.run_config.smoke_config``."""
+    return smoke_config(cfg, [("sched", "warmup_epochs"), ("sched", "milestones"), ("loss", "drw_epoch"),
+                              ("optim", "rho_schedule")])
 
 
 def learning_rate(cfg: dict, epoch: float) -> float:
@@ -186,14 +205,26 @@ def learning_rate(cfg: dict, epoch: float) -> float:
 
 
 def print_schedule(cfg: dict) -> None:
-    """``--print-schedule``: one JSON line per epoch, without data or models: the lr at the
-    epoch's first optimiser step, whether DRW is on, and rho when SAM is on."""
-    o, lcfg = cfg["optim"], cfg["loss"]
-    for epoch in range(cfg["train"]["epochs"]):
-        line = {"epoch": epoch, "lr": learning_rate(cfg, epoch),
+    """``--print-schedule``: a ``#`` header line (peak lr, processes assumed, optimiser steps
+    per epoch where known without the data, DRW epoch), then one JSON line per epoch, without
+    data or models: the lr at the epoch's first optimiser step (6 significant digits), whether
+    DRW is on, and rho when SAM is on."""
+    import os
+
+    o, lcfg, t = cfg["optim"], cfg["loss"], cfg["train"]
+    world = t["recipe_processes"] or int(os.environ.get("WORLD_SIZE", "1"))
+    images, steps = expected_steps_per_epoch(cfg, world)
+    print(f"# peak lr {o['lr']:g} (optim.lr, not rescaled: train.batch_size x {world} process(es) "
+          f"assumed) | "
+          + (f"{steps} optimiser steps/epoch ({images} training images) | " if steps is not None
+             else "optimiser steps/epoch: need the data (see the start-up line) | ")
+          + f"DRW from epoch {lcfg['drw_epoch'] if lcfg['drw_epoch'] is not None else 'never'} | "
+          f"{t['epochs']} epochs")
+    for epoch in range(t["epochs"]):
+        line = {"epoch": epoch, "lr": float(f"{learning_rate(cfg, epoch):.6g}"),
                 "drw": drw_active(epoch, lcfg["drw_epoch"])}
         if o["sam"]:
-            line["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
+            line["rho"] = run_rho(cfg, epoch)
         print(json.dumps(line))
 
 
@@ -288,7 +319,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
         lr = learning_rate(cfg, epoch + loop.epoch_fraction(step, accum, len(data_loader), num_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-            group["rho"] = rho_for_epoch(o["rho_schedule"], epoch) if o["rho_schedule"] else o["rho"]
+            group["rho"] = run_rho(cfg, epoch)
         step_seed(tcfg["seed"], epoch, step, accelerator.process_index)
         window = [loop.to_device(batch, accelerator.device, feed) for batch in window]
         terms = train_step(model, criterion, window, optimizer, accelerator, sam=o["sam"],
@@ -371,8 +402,11 @@ def main(cfg: dict) -> dict:
     if m["compile"]:  # after prepare: accelerate wraps the plain module
         model = torch.compile(model)
     n_params = sum(p.numel() for p in unwrap(model).parameters())
-    accelerator.print(f"teacher {arch} ({n_params / 1e6:.2f}M parameters), loss {lcfg['type']}, "
-                      f"SAM {'rho ' + str(o['rho']) if o['sam'] else 'off'}")
+    sam = "off"
+    if o["sam"]:
+        sam = (f"rho {run_rho(cfg)}" if not o["rho_schedule"] else
+               f"rho from optim.rho_schedule {o['rho_schedule']} ({run_rho(cfg)} at epoch 0)")
+    accelerator.print(f"teacher {arch} ({n_params / 1e6:.2f}M parameters), loss {lcfg['type']}, SAM {sam}")
 
     # ------------------------------------------------------------------ resume
     run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
@@ -439,7 +473,14 @@ def main(cfg: dict) -> dict:
     return {"metrics": metrics, "best": run_state["best"]}
 
 
+def config_from_args(argv: list[str] | None = None) -> dict:
+    """The resolved, checked config of a command line (``--print-config``, ``--print-schedule``
+    and config errors exit here), as ``__main__`` runs it."""
+    return load_config(SPEC, argv, description=__doc__, validate=validate, actions={
+        "--print-schedule": ("print a header (peak lr, processes, steps/epoch, DRW epoch) and one "
+                             "JSON line per epoch (epoch, lr, drw, rho) and exit, without data or "
+                             "models", print_schedule)}, finalize=finalize_data, smoke=(SMOKE_HELP, smoke))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main, load_config(SPEC, description=__doc__, validate=validate, actions={
-        "--print-schedule": ("print one JSON line per epoch (epoch, lr, drw, rho) and exit, "
-                             "without data or models", print_schedule)})))
+    sys.exit(run_main(main, config_from_args()))

@@ -9,6 +9,7 @@ outside the declared choices are errors that name the key before any work starts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -121,20 +122,65 @@ def coerce(key: str, value: Any, kind, optional: bool) -> Any:
     return value
 
 
+# The errors collected by `collect_errors` (None: `check` and `report` raise at once).
+_collected: list | None = None
+
+
+def report(error: ConfigError) -> None:
+    """Raise ``error``, or keep it for the surrounding ``collect_errors`` block."""
+    if _collected is None:
+        raise error
+    _collected.append(error)
+
+
+@contextlib.contextmanager
+def collect_errors():
+    """Run a block of checks and raise one ConfigError listing every failed one (one line,
+    ``; ``-separated), so a config with several mistakes needs one start, not one per mistake.
+
+    ``check`` and ``report`` inside the block record instead of raising; a ConfigError raised
+    directly ends the block and is listed too. Any other exception after a recorded failure is
+    taken as a consequence of it (a later check reading the bad value) and dropped."""
+    global _collected
+    outer, _collected = _collected, []
+    errors = _collected
+    try:
+        yield
+    except ConfigError as e:
+        errors.append(e)
+    except Exception:
+        if not errors:
+            raise
+    finally:
+        _collected = outer
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        unique = list(dict.fromkeys(str(e) for e in errors))
+        raise ConfigError(f"{len(unique)} problems: " + "; ".join(unique))
+
+
 def merge(cfg: dict, updates: dict, types: dict, origin: str) -> None:
-    """Merge a nested ``updates`` dict into ``cfg`` in place, checking every key and type."""
+    """Merge a nested ``updates`` dict into ``cfg`` in place, checking every key and type
+    (inside ``collect_errors``, every bad key is reported, not only the first)."""
     for section, leaves in updates.items():
         if section not in cfg:
-            raise ConfigError(f"{origin}: unknown section {section!r}; known sections: {', '.join(cfg)}")
+            report(ConfigError(f"{origin}: unknown section {section!r}; known sections: {', '.join(cfg)}"))
+            continue
         if not isinstance(leaves, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys to values")
+            report(ConfigError(f"{origin}: section {section!r} must be a mapping of keys to values"))
+            continue
         for key, value in leaves.items():
             full = f"{section}.{key}"
             if full not in types:
                 known = ", ".join(sorted(cfg[section]))
-                raise ConfigError(f"{origin}: unknown key {full!r}; keys in {section!r}: {known}")
+                report(ConfigError(f"{origin}: unknown key {full!r}; keys in {section!r}: {known}"))
+                continue
             kind, optional = types[full]
-            cfg[section][key] = coerce(full, value, kind, optional)
+            try:
+                cfg[section][key] = coerce(full, value, kind, optional)
+            except ConfigError as e:  # a bad value read from a file also names where it was read
+                report(e if origin == "command line" else ConfigError(f"{e} (read from {origin})"))
 
 
 _INT, _FLOAT, _TIMESTAMP = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
@@ -249,10 +295,10 @@ def read_yaml(path: str | os.PathLike, _chain: tuple = ()) -> dict:
     return merged
 
 
-def parse_override(text: str) -> dict:
+def parse_override(text: str, example: str = "optim.lr=5e-4") -> dict:
     """``optim.lr=5e-4`` -> ``{"optim": {"lr": 5e-4}}`` (value parsed as YAML)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=5e-4")
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. {example}")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
@@ -262,14 +308,38 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
-def _merge_layer(cfg: dict, updates: dict, types: dict, origin: str) -> None:
-    """``merge``; a bad value read from a file (not typed) also names where it was read."""
-    try:
-        merge(cfg, updates, types, origin)
-    except ConfigError as e:
-        if origin == "command line" or str(e).startswith(origin):
-            raise
-        raise ConfigError(f"{e} (read from {origin})") from None
+def override_example(spec: dict) -> str:
+    """An override this spec accepts, for help texts and messages: ``optim.lr=5e-4`` where the
+    spec has it (the training scripts), else its last section's first key at its default."""
+    if "lr" in spec.get("optim", {}):
+        return "optim.lr=5e-4"
+    section = list(spec)[-1]
+    key, leaf = next(iter(spec[section].items()))
+    return f"{section}.{key}={json.dumps(leaf[0])}"
+
+
+def check_unknown_flags(parser: argparse.ArgumentParser, argv: list[str], spec: dict) -> None:
+    """A ``--name`` that is no option of ``parser`` is a ConfigError pointing to the config key
+    of that name (``--epochs 3`` -> ``train.epochs=3``): DeiT's and timm's command lines use
+    flags, these scripts use dotted keys. Abbreviations of real options are left to argparse."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    for i, token in enumerate(argv):
+        if token == "--":
+            return
+        if not token.startswith("--") or token == "--":
+            continue
+        flag, _, value = token.partition("=")
+        if any(option.startswith(flag) for option in options):
+            continue
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+            value = argv[i + 1]
+        name = flag[2:].replace("-", "_")
+        keys = [f"{section}.{name}={value or '...'}" for section, leaves in spec.items() if name in leaves]
+        if keys:
+            raise ConfigError(f"{flag} is not an option: config keys are set as section.key=value, "
+                              f"here {' or '.join(keys)}")
+        raise ConfigError(f"{flag} is not an option (see --help); config keys are set as "
+                          f"section.key=value, e.g. {override_example(spec)}")
 
 
 def format_help(spec: dict) -> str:
@@ -287,7 +357,7 @@ def format_help(spec: dict) -> str:
 
 def parse_config(spec: dict, argv: list[str] | None = None, description: str = "",
                  validate=None, add_arguments=None, base_layers=None,
-                 other_sections_ok: bool = False) -> tuple[dict, argparse.Namespace]:
+                 other_sections_ok: bool = False, finalize=None) -> tuple[dict, argparse.Namespace]:
     """Parse ``--config``, ``--print-config`` and dotted overrides against ``spec``.
 
     Returns ``(cfg, args)``: the resolved nested dict of plain values and the parsed
@@ -300,42 +370,58 @@ def parse_config(spec: dict, argv: list[str] | None = None, description: str = "
       config may be older or newer than the code), their values are checked.
     - ``other_sections_ok`` lets a tool that needs only some sections read a script's full
       config file, skipping the sections it does not know.
+    - ``finalize(cfg, explicit_keys)`` resolves defaults that depend on what was set
+      explicitly (``data.build.finalize_data``: a generic dataset is subsampled only when
+      data.imb_factor was set); the resolved values are what the run stores.
     - ``validate(cfg)`` may raise ConfigError for impossible combinations; it is not run with
       ``--print-config``.
 
-    Raises ConfigError naming the key; prints nothing itself.
+    Every unknown key and bad value of the files and the command line is reported at once.
+    Raises ConfigError naming the key(s); prints nothing itself.
     """
+    example = override_example(spec)
     parser = argparse.ArgumentParser(
         description=description, epilog=format_help(spec),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with sections of overrides "
                         "(may name a `_base_` file to start from)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit (keys and types are "
-                             "checked; checks needing files, such as the teacher, are not)")
+                        help="print the resolved config as YAML and exit (keys, types and ranges "
+                             "are checked; checks needing files, such as the teacher, are not)")
     if add_arguments is not None:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted overrides applied after --config, e.g. optim.lr=5e-4")
+                        help=f"dotted overrides applied after --config, e.g. {example}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_unknown_flags(parser, argv, spec)
     args = parser.parse_args(argv)
     cfg, _, types = split_spec(spec)
-    for origin, updates in (base_layers(args) if base_layers is not None else []):
-        known = {section: {k: v for k, v in (leaves or {}).items() if f"{section}.{k}" in types}
-                 for section, leaves in updates.items() if section in cfg and isinstance(leaves, dict)}
-        _merge_layer(cfg, known, types, origin)
-    layers = []
-    if args.config:
-        updates = read_yaml(args.config)
-        if other_sections_ok:
-            updates = {k: v for k, v in updates.items() if k in cfg}
-        layers.append((args.config, updates))
-    layers += [("command line", parse_override(text)) for text in args.overrides]
     args.explicit_keys = set()
-    for origin, updates in layers:
-        _merge_layer(cfg, updates, types, origin)
-        args.explicit_keys |= {f"{s}.{k}" for s, leaves in updates.items() for k in leaves}
+    with collect_errors():
+        for origin, updates in (base_layers(args) if base_layers is not None else []):
+            known = {section: {k: v for k, v in (leaves or {}).items() if f"{section}.{k}" in types}
+                     for section, leaves in updates.items() if section in cfg and isinstance(leaves, dict)}
+            merge(cfg, known, types, origin)
+        layers = []
+        if args.config:
+            updates = read_yaml(args.config)
+            if other_sections_ok:
+                updates = {k: v for k, v in updates.items() if k in cfg}
+            layers.append((args.config, updates))
+        for text in args.overrides:
+            try:
+                layers.append(("command line", parse_override(text, example)))
+            except ConfigError as e:
+                report(e)
+        for origin, updates in layers:
+            merge(cfg, updates, types, origin)
+            args.explicit_keys |= {f"{s}.{k}" for s, leaves in updates.items()
+                                   if isinstance(leaves, dict) for k in leaves}
+    if finalize is not None:
+        finalize(cfg, args.explicit_keys)
     if validate is not None and not args.print_config:
-        validate(cfg)
+        with collect_errors():
+            validate(cfg)
     return cfg, args
 
 
@@ -344,26 +430,37 @@ def print_config(cfg: dict) -> None:
 
 
 def load_config(spec: dict, argv: list[str] | None = None, description: str = "",
-                validate=None, other_sections_ok: bool = False, actions: dict | None = None) -> dict:
+                validate=None, other_sections_ok: bool = False, actions: dict | None = None,
+                finalize=None, smoke=None) -> dict:
     """``parse_config`` for a training script: a config error exits with status 2 and one
-    line naming the key; ``--print-config`` prints the YAML and exits.
+    line listing every key at fault; ``--print-config`` prints the YAML and exits.
 
     ``actions``: ``{"--flag": (help, fn)}``, flags that print something about the resolved
-    config and exit 0 instead of training (``--print-schedule``); like ``--print-config``
-    they skip the checks that need files.
+    config and exit 0 instead of training (``--print-schedule``). ``validate(cfg)`` runs before
+    them and before ``--print-config``, as ``validate(cfg, files=False)``: the range checks,
+    not those that read files (a teacher checkpoint). ``finalize``: see ``parse_config``.
+    ``smoke``: ``(help, fn)``; adds ``--smoke``, where ``fn(cfg)`` turns the config into a
+    quick end-to-end check and returns a line saying what it changed.
     """
     actions = actions or {}
 
     def add_arguments(parser):
         for flag, (help_text, _) in actions.items():
             parser.add_argument(flag, action="store_true", help=help_text)
+        if smoke is not None:
+            parser.add_argument("--smoke", action="store_true", help=smoke[0])
 
     try:
         cfg, args = parse_config(spec, argv, description, None, add_arguments=add_arguments,
-                                 other_sections_ok=other_sections_ok)
+                                 other_sections_ok=other_sections_ok, finalize=finalize)
+        note = smoke[1](cfg) if smoke is not None and args.smoke else None
         chosen = [fn for flag, (_, fn) in actions.items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
-        if validate is not None and not (args.print_config or chosen):
-            validate(cfg)
+        printing = args.print_config or bool(chosen)
+        if validate is not None:
+            with collect_errors():
+                validate(cfg, files=False) if printing else validate(cfg)
+        if note and os.environ.get("RANK", "0") == "0":  # once, not per process
+            print(note, file=sys.stderr if printing else sys.stdout, flush=True)
         for fn in chosen:
             fn(cfg)
     except ConfigError as e:
@@ -374,7 +471,7 @@ def load_config(spec: dict, argv: list[str] | None = None, description: str = ""
         sys.exit(2)
     if args.print_config:
         print_config(cfg)
-    if args.print_config or chosen:
+    if printing:
         sys.exit(0)
     return cfg
 
@@ -388,9 +485,10 @@ def with_defaults(section: dict, **defaults) -> dict:
 
 
 def check(condition: bool, key: str, message: str) -> None:
-    """Raise ConfigError naming ``key`` unless ``condition`` holds."""
+    """Raise ConfigError naming ``key`` unless ``condition`` holds (inside ``collect_errors``:
+    record it and go on)."""
     if not condition:
-        raise ConfigError(f"{key}: {message}")
+        report(ConfigError(f"{key}: {message}"))
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:

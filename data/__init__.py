@@ -13,14 +13,22 @@ Public interface (used by the scripts):
 
 ``python -m data.summary --config CONFIG`` prints the classes, counts and groups.
 """
-from .build import DATA_SPEC, MAX_INPUT_SIZE, LongTailDataset, build_datasets, validate_data_config
-from .groups import class_groups
-from .longtail import get_img_num_per_cls, longtail_indices
-from .samplers import RASampler, build_train_sampler
-from .transforms import AUG_SPEC, build_transform, validate_aug_config
+import importlib
 
-__all__ = [
-    "DATA_SPEC", "AUG_SPEC", "LongTailDataset", "build_datasets", "build_transform",
-    "build_train_sampler", "RASampler", "class_groups", "get_img_num_per_cls", "longtail_indices",
-    "MAX_INPUT_SIZE", "validate_data_config", "validate_aug_config",
-]
+# Names -> submodule, imported on first use (PEP 562): `python -m data.summary` parses text
+# files and needs neither torchvision (transforms) nor timm (samplers), whose imports cost
+# seconds.
+_EXPORTS = {
+    "DATA_SPEC": "build", "MAX_INPUT_SIZE": "build", "LongTailDataset": "build",
+    "build_datasets": "build", "validate_data_config": "build", "class_groups": "groups",
+    "get_img_num_per_cls": "longtail", "longtail_indices": "longtail", "RASampler": "samplers",
+    "build_train_sampler": "samplers", "AUG_SPEC": "transforms", "build_transform": "transforms",
+    "validate_aug_config": "transforms",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

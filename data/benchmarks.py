@@ -18,14 +18,16 @@ class Benchmark:
     # A CIFAR-LT subset drawn from a balanced source, whose labels are then frequency-sorted by
     # construction (no class map); False: long-tailed as published (or generic).
     cifar_subset: bool = False
+    source_per_class: int | None = None  # training images per class of the balanced hub source
     hub_name: str | None = None  # the source when data.path is not set
     image_column: str = "image"
     label_column: str = "label"
 
 
 BENCHMARKS = {
-    "cifar10_lt": Benchmark(10, (3, 7), cifar_subset=True, hub_name="uoft-cs/cifar10", image_column="img"),
-    "cifar100_lt": Benchmark(100, (36, 71), cifar_subset=True, hub_name="uoft-cs/cifar100",
+    "cifar10_lt": Benchmark(10, (3, 7), cifar_subset=True, source_per_class=5000, hub_name="uoft-cs/cifar10",
+                            image_column="img"),
+    "cifar100_lt": Benchmark(100, (36, 71), cifar_subset=True, source_per_class=500, hub_name="uoft-cs/cifar100",
                              image_column="img", label_column="fine_label"),
     "imagenet_lt": Benchmark(1000, (390, 835)),
     "inat18": Benchmark(8142, (842, 4543)),

@@ -6,22 +6,23 @@ Pipeline (docs/recipe.md section 5):
    then draw the reference's exponential (or step) subset, class by class; the labels are
    then already frequency-sorted, so there is no class map (``class_map = None``);
    ImageNet-LT / iNaturalist-2018: the source is long-tailed already, no subsetting;
-   ``generic``: subsetting only if ``imb_factor < 1``;
+   ``generic``: subsetting only if ``imb_factor < 1`` was set explicitly (``finalize_data``);
 3. non-CIFAR: sort classes by training count (ties by original label) and remap every label;
 4. optionally hold out part of each class's training images as the validation split;
 5. count the training images per class and form the head / mid / tail groups.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .benchmarks import BENCHMARKS, DATASETS, benchmark
 from .groups import check_group_config, class_groups, group_rule, is_int
-from .longtail import frequency_class_map, holdout_split, longtail_indices, resolve_source_order
+from .longtail import (frequency_class_map, get_img_num_per_cls, holdout_split, longtail_indices,
+                       resolve_source_order)
 from .sources import load_source
 from errors import DataError
 from utils import check
@@ -39,7 +40,8 @@ DATA_SPEC = {
     "val_split": ("test", "evaluation split name (the reference evaluates on the test split)"),
     "imb_type": ("exp", "CIFAR-style imbalance profile", ("exp", "step")),
     "imb_factor": (0.01, "n_min / n_max as the reference's --imb_factor, in (0, 1]; 1.0 = keep every "
-                         "image; only for CIFAR-style subsetting (cifar*_lt, generic)", float),
+                         "image; for CIFAR-style subsetting: cifar*_lt, and generic only when set "
+                         "explicitly (your data is used as it is otherwise)", float),
     "subset_seed": (0, "numpy seed of the subset (the reference: 0)"),
     "source_order": ("auto", "CIFAR row order before subsetting: the original pickle order ('auto' "
                              "restores it, 'original' insists on it) or the rows as stored",
@@ -71,6 +73,29 @@ MAX_INPUT_SIZE = 4096
 # string is always a mistake (data.path='' would read the current folder as a dataset).
 _NAME_KEYS = ("path", "hub_name", "image_column", "label_column", "train_split", "val_split",
               "root", "train_list", "val_list")
+
+
+# Keys naming local files or folders: stored absolute, so that a run's stored config (and
+# evaluate.py reading it from a checkpoint) finds them from any working folder.
+_PATH_KEYS = ("path", "root", "train_list", "val_list")
+
+
+def finalize_data(cfg: dict, explicit_keys: set[str]) -> None:
+    """Defaults of the ``data`` section that depend on what the user set (``parse_config``'s
+    ``finalize``), written into ``cfg`` so the stored config says what ran:
+
+    - ``generic`` data is the user's own, usually long-tailed already: without an explicit
+      ``data.imb_factor`` (config file or command line) every image is kept (1.0); the CIFAR
+      default 0.01 would silently draw a second long-tailed subset of it;
+    - relative paths become absolute (from the current folder)."""
+    d = cfg.get("data")
+    if not isinstance(d, dict):
+        return
+    if d.get("dataset") == "generic" and "data.imb_factor" not in explicit_keys:
+        d["imb_factor"] = 1.0
+    for key in _PATH_KEYS:
+        if isinstance(d.get(key), str) and d[key].strip():
+            d[key] = os.path.abspath(os.path.expanduser(d[key]))
 
 
 def check_input_size(value, key: str) -> None:
@@ -109,8 +134,26 @@ def validate_data_config(d: dict) -> None:
 CIFAR = tuple(name for name, row in BENCHMARKS.items() if row.cifar_subset)
 
 
-class LongTailDataset(torch.utils.data.Dataset):
+def expected_train_images(d: dict) -> int | None:
+    """Training images the ``data`` section gives, when known without reading the data: the
+    hub's CIFAR-10/100 (no data.path) subset by the reference's rule, no hold-out; else None."""
+    facts = benchmark(d.get("dataset"))
+    if facts.source_per_class is None or d.get("path") is not None \
+            or d.get("train_list") is not None or d.get("val_holdout"):
+        return None
+    imb = d.get("imb_factor", DATA_SPEC["imb_factor"][0])
+    if not isinstance(imb, (int, float)) or not 0 < imb <= 1:
+        return None  # validate_data_config names it
+    return sum(get_img_num_per_cls(facts.source_per_class, facts.num_classes, d.get("imb_type", "exp"),
+                                   float(imb)))
+
+
+class LongTailDataset:
     """Rows ``source_indices`` of one source split, with labels in the project's class order.
+
+    A plain map-style dataset (``__len__`` / ``__getitem__``, all a DataLoader needs): not a
+    ``torch.utils.data.Dataset`` subclass, so that building it (``python -m data.summary``)
+    does not import torch.
 
     ``__getitem__`` opens the image (RGB) only when asked, then applies ``transform`` (a plain
     attribute: evaluation code may swap it). Picklable for DataLoader workers: it holds a
@@ -198,7 +241,12 @@ def build_datasets(data_cfg: dict, train_transform: Callable | None = None,
         picked, _ = longtail_indices(canonical, num_classes, cfg["imb_type"], imb, cfg["subset_seed"])
         rows = picked if order is None else order[picked]
         subset_note = f" after subsetting (imb_type={cfg['imb_type']}, imb_factor={imb})"
+        _log(f"long-tailed subset (data.imb_factor={imb}, imb_type={cfg['imb_type']}): "
+             f"{len(rows)} of {len(labels)} training images kept")
     else:
+        if dataset == "generic":
+            _log("generic: every training image used, as given (data.imb_factor=1.0; set it "
+                 "explicitly, e.g. 0.01, to draw a CIFAR-style long-tailed subset)")
         if dataset in BENCHMARKS and imb != 1.0:  # a named benchmark that is not a CIFAR subset
             _log(f"{dataset} is long-tailed as published: imb_factor={imb} ignored, "
                  f"every training image used")

@@ -307,8 +307,11 @@ def load_hf(cfg: dict) -> RawSource:
     train = splits[cfg["train_split"]]
     for key, column in (("image_column", image_column), ("label_column", label_column)):
         if column not in train.column_names:
+            hint = (f" (data.dataset={dataset}{', the default,' if dataset == 'cifar10_lt' else ''} "
+                    f"expects CIFAR's columns; for your own data set data.dataset=generic)"
+                    if benchmark(dataset).cifar_subset else "")
             raise DataError(f"data.{key}={column!r} is not a column of {description}; available "
-                             f"columns: {', '.join(train.column_names)}")
+                             f"columns: {', '.join(train.column_names)}{hint}")
 
     feature = train.features[label_column]
     train_values = _labels_of(train, label_column)

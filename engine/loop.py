@@ -252,11 +252,17 @@ def build_loaders(cfg: dict, accelerator, train_transform=None):
               persistent_workers=workers > 0, worker_init_fn=ignore_sigterm if workers else None)
     data_loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler,
                                    batch_size=tcfg["batch_size"], drop_last=tcfg["drop_last"], **kw)
-    data_loader_val = DataLoader(dataset_val, shuffle=False, **kw,
+    cap, eval_set = tcfg.get("eval_max_samples"), dataset_val
+    if cap is not None and cap < len(dataset_val):  # evenly spaced, as evaluate.py's eval.max_samples
+        eval_set = torch.utils.data.Subset(dataset_val, [i * len(dataset_val) // cap for i in range(cap)])
+        accelerator.print(f"evaluation during training on {cap} of the {len(dataset_val)} evaluation "
+                          f"images (train.eval_max_samples)")
+    data_loader_val = DataLoader(eval_set, shuffle=False, **kw,
                                  batch_size=tcfg.get("eval_batch_size") or 2 * tcfg["batch_size"])
-    if len(data_loader_train) == 0:
-        raise ConfigError(f"train.batch_size={tcfg['batch_size']} is more than the {len(sampler)} "
-                          f"training images each process gets per epoch (with train.drop_last=true)")
+    if tcfg["batch_size"] > len(sampler):  # one short batch would train while the banner and lr rule assume more
+        raise ConfigError(f"train.batch_size={tcfg['batch_size']} is more than the {len(sampler)} training "
+                          f"images each process gets per epoch ({len(dataset_train)} images, {world} "
+                          f"process(es)): lower it")
     accelerator.print(f"train: {len(dataset_train)} images, {dataset_train.num_classes} classes, "
                       f"{len(data_loader_train)} batches/epoch/process | eval: {len(dataset_val)} images")
     return dataset_train, dataset_val, sampler, data_loader_train, accelerator.prepare(data_loader_val)

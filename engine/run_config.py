@@ -4,7 +4,9 @@ Each script adds its own keys (``with_defaults`` changes a default, keeping help
 """
 from __future__ import annotations
 
-from data.build import validate_data_config
+import math
+
+from data.build import expected_train_images, validate_data_config
 from data.transforms import validate_aug_config
 from engine.trackers import TRACKER_SPEC, check_trackers
 from errors import ConfigError
@@ -38,6 +40,9 @@ RUN_SPEC = {
                         ("no", "fp16", "bf16")),
     "eval_every": (1, "evaluate every N epochs (and always after the last)"),
     "eval_batch_size": (None, "eval batch per process (null: 2 x batch_size)", int),
+    "eval_max_samples": (None, "evaluate during training on only this many evaluation images, "
+                         "evenly spaced over the split as evaluate.py's eval.max_samples (quick "
+                         "runs; the numbers are then not the benchmark's); null: all", int),
     "cpu": (False, "run on the CPU even when accelerate finds a GPU (CUDA, MPS, XPU)"),
     "dist_timeout_min": (30, "minutes a process waits in a collective before the run aborts "
                          "(NCCL's own default, 10, is shorter than a dataset build on the main "
@@ -83,6 +88,13 @@ def validate_run(cfg: dict) -> None:
           f"must be >= 1 (null: every step of the epoch), got {t['max_steps_per_epoch']}")
     check(t["eval_batch_size"] is None or t["eval_batch_size"] >= 1, "train.eval_batch_size",
           f"must be >= 1 (null: 2 x batch_size), got {t['eval_batch_size']}")
+    check(t.get("eval_max_samples") is None or t["eval_max_samples"] >= 1, "train.eval_max_samples",
+          f"must be >= 1 (null: the whole evaluation split), got {t.get('eval_max_samples')}")
+    known = expected_train_images(cfg["data"])  # the hub's CIFAR-LT: known without the data
+    if known is not None:
+        check(t["batch_size"] <= known, "train.batch_size",
+              f"{t['batch_size']} is more than the {known} training images of {cfg['data']['dataset']} "
+              f"(data.imb_factor={cfg['data']['imb_factor']})")
     check(0 <= t["seed"] < 2**63, "train.seed", f"must be an integer in [0, 2**63), got {t['seed']}")
     check(t["output_dir"].strip() != "", "train.output_dir",
           "must name a folder (an empty string would write the run into the current folder)")
@@ -106,3 +118,61 @@ def effective_accum(train_cfg: dict, world: int) -> int:
             f"batch (train.accum_steps={accum} x {recipe} is not a multiple of {world}); use a "
             f"process count dividing {accum * recipe}, or train.recipe_processes=null")
     return accum * recipe // world
+
+
+def expected_steps_per_epoch(cfg: dict, world: int) -> tuple[int | None, int | None]:
+    """``(training images, optimiser steps per epoch on world processes)`` as far as they are
+    known without the data (``data.build.expected_train_images``), else ``(None, None)``:
+    the same sampler and loader arithmetic as a run (``engine.loop.steps_per_epoch``)."""
+    from data.samplers import build_train_sampler
+    from engine.loop import steps_per_epoch
+
+    n = expected_train_images(cfg["data"])
+    if n is None:
+        return None, None
+    t = cfg["train"]
+    per_process = len(build_train_sampler(range(n), cfg["aug"], world, 0, t["seed"]))
+    batches = per_process // t["batch_size"] if t["drop_last"] else math.ceil(per_process / t["batch_size"])
+    return n, steps_per_epoch(batches, effective_accum(t, world), t["max_steps_per_epoch"])
+
+
+# --smoke: a few steps of a few epochs, the schedule's shape kept, a capped evaluation.
+SMOKE_EPOCHS, SMOKE_STEPS, SMOKE_EVAL_SAMPLES = 3, 2, 256
+SMOKE_HELP = (f"a quick end-to-end check of this config: {SMOKE_EPOCHS} epochs of at most "
+              f"{SMOKE_STEPS} optimiser steps, warm-up, milestones and DRW epochs scaled with the "
+              f"epochs, evaluation on {SMOKE_EVAL_SAMPLES} images, written to <train.output_dir>_smoke")
+
+
+def smoke_config(cfg: dict, epoch_keys: list[tuple[str, str]]) -> str:
+    """Turn ``cfg`` into a smoke run in place (``--smoke``) and say what changed.
+
+    ``epoch_keys``: the script's ``(section, key)`` entries that name an epoch (an int, null, a
+    list of ints such as milestones, or of ``[epoch, value]`` pairs), scaled by
+    ``SMOKE_EPOCHS / train.epochs`` (rounded down) so the phases keep their order and the last
+    ones still run; a warm-up of >= 1 epoch stays >= 1. The run folder gets a ``_smoke``
+    suffix: a smoke run never mixes with the real run's resume state."""
+    t = cfg["train"]
+    old = t["epochs"]
+    new = min(old, SMOKE_EPOCHS) if old >= 1 else old
+
+    def scale(epoch):
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or old < 1 or epoch < 0:
+            return epoch  # left to validate() to refuse
+        return min(new, epoch * new // old)
+
+    for section, key in epoch_keys:
+        value = cfg[section][key]
+        if isinstance(value, list):  # epochs, or [epoch, value] pairs (optim.rho_schedule)
+            cfg[section][key] = [[scale(v[0]), *v[1:]] if isinstance(v, list) and v else scale(v)
+                                 for v in value]
+        elif key == "warmup_epochs" and isinstance(value, int) and value >= 1:
+            cfg[section][key] = max(1, scale(value))
+        else:
+            cfg[section][key] = scale(value)
+    t["epochs"] = new
+    t["max_steps_per_epoch"] = min(t["max_steps_per_epoch"] or SMOKE_STEPS, SMOKE_STEPS)
+    t["eval_max_samples"] = min(t.get("eval_max_samples") or SMOKE_EVAL_SAMPLES, SMOKE_EVAL_SAMPLES)
+    t["output_dir"] = t["output_dir"].rstrip("/\\") + "_smoke"
+    scaled = ", ".join(f"{s}.{k}={cfg[s][k]}" for s, k in epoch_keys if cfg[s][k] is not None)
+    return (f"smoke run: {new} epochs (of {old}) x at most {t['max_steps_per_epoch']} steps, "
+            f"evaluation on {t['eval_max_samples']} images, {scaled}; output in {t['output_dir']}")

@@ -30,6 +30,9 @@ RESUME_FREE_KEYS = {"train.epochs", "train.resume", "train.output_dir", "data.nu
                     "train.save_every_epochs", "train.checkpoint_formats"}
 
 
+_PATH_KEYS = {"data.path", "data.root", "data.train_list", "data.val_list"}  # data.build.finalize_data
+
+
 def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS, defaults: dict | None = None) -> list[str]:
     """``section.key: old -> new`` for every key that differs. A key the old config does not
     have (a run made before the key existed) counts as equal when the new value is the key's
@@ -42,6 +45,9 @@ def config_differences(old: dict, new: dict, ignore=RESUME_FREE_KEYS, defaults: 
             if key not in a and key in b and key in defaults.get(section, {}) \
                     and b[key] == defaults[section][key]:
                 continue
+            if full in _PATH_KEYS and isinstance(a.get(key), str) and isinstance(b.get(key), str) \
+                    and os.path.abspath(os.path.expanduser(a[key])) == b[key]:
+                continue  # stored as typed before data paths were stored absolute (same folder)
             if full not in ignore and a.get(key) != b.get(key):
                 diffs.append(f"{full}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs

@@ -20,7 +20,7 @@ def schedule(script: str, config: Path, *overrides: str, env: dict | None = None
     proc = subprocess.run([sys.executable, script, "--config", str(config), "--print-schedule", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    return [json.loads(line) for line in proc.stdout.splitlines() if not line.startswith("#")]  # header
 
 
 def test_paco_cifar_teacher_schedule():
@@ -61,7 +61,7 @@ def test_imagenet_ldam_teacher_has_no_warmup_and_a_per_epoch_cosine():
     lines = schedule("train_teacher.py", ROOT / "configs/teachers/imagenet_lt_ldam_drw_sam.yaml")
     assert len(lines) == 90
     for line in lines:  # Saddle-LongTail: CosineAnnealingLR(T_max=90) stepped per epoch, no warm-up
-        assert line["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * line["epoch"] / 90)))
+        assert line["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * line["epoch"] / 90)), rel=1e-5)
     assert [line["rho"] for line in lines[3:7]] == [0.05, 0.05, 0.1, 0.1]
 
 
@@ -74,7 +74,7 @@ def test_paco_imagenet_and_inat_teacher_cosine_is_pacos(name):
     for line in lines:
         e = line["epoch"]
         expected = 0.02 / 10 * (e + 1) if e < 10 else 0.02 * 0.5 * (1 + math.cos(math.pi * (e - 9) / 391))
-        assert line["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), e
+        assert line["lr"] == pytest.approx(expected, rel=1e-5, abs=1e-15), e  # printed to 6 digits
 
 
 @pytest.mark.parametrize("name", ["imagenet_lt_ldam_drw_sam", "imagenet_lt_paco_sam", "inat18_ldam_drw_sam",
@@ -118,7 +118,7 @@ def test_student_schedules_follow_the_reference_lr_rule(config):
 
     checks = [0, s["warmup_epochs"], t["epochs"] - 1] + ([d["drw_epoch"]] if d["drw_epoch"] is not None else [])
     for e in checks:
-        assert lines[e]["lr"] == pytest.approx(expected(e), rel=1e-6), (config.stem, e)
+        assert lines[e]["lr"] == pytest.approx(expected(e), rel=1e-5), (config.stem, e)
     drw = d["drw_epoch"]
     assert [line["drw"] for line in lines] == [drw is not None and e >= drw for e in range(t["epochs"])]
     if d["no_mixup_drw"] and drw is not None:
