@@ -479,9 +479,9 @@ class TrainingRun:
             self._evaluate_and_record(self.progress.pop("pending"))
 
     def end_epoch(self, record: dict) -> None:
-        """After an epoch's training, ``record`` its log.txt line so far: the resume state (when
-        ``state_due``; saved before the evaluation, so an evaluation that fails never costs the
-        training), then the evaluation, checkpoints and log line."""
+        """After an epoch's training (``record``: its log.txt line so far): save the resume
+        state (when ``state_due``; before the evaluation, so an evaluation that fails never
+        costs the training), then evaluate, write the checkpoints and the log line."""
         epoch = record["epoch"]
         if state_due(self.cfg, epoch):  # train.save_every_epochs
             self.save_state(epoch + 1, 0, pending=record)

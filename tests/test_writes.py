@@ -358,3 +358,49 @@ def test_an_earlier_state_keeps_its_pending_epoch(tmp_path):
     assert json.loads((state / PROGRESS_FILE).read_text()) == saved
     clear_pending_epoch(Accelerator(), tmp_path, {"epoch": 2, "step": 0, "pending": {"epoch": 1}})
     assert json.loads((state / PROGRESS_FILE).read_text()) == {"epoch": 2, "step": 0}
+
+
+def test_training_run_saves_before_evaluating_and_ends_a_pending_epoch_first(tmp_path):
+    """``TrainingRun``, both scripts' epoch bookkeeping: evaluation every train.eval_every
+    epochs and after the last; the state is saved with the epoch pending before its evaluation,
+    so a failed evaluation costs no training, and the resumed run ends that epoch first."""
+    from engine.run_folder import PROGRESS_FILE, STATE_DIR, FolderLock, TrainingRun
+
+    class RunAccelerator(Accelerator):
+        log_with, trackers = None, []
+
+        def save_state(self, folder, **kwargs) -> None:
+            Path(folder).mkdir(parents=True)
+
+        def end_training(self) -> None:
+            pass
+
+    def evaluate() -> dict:
+        if fail:
+            raise RuntimeError("a bad test image")
+        avg = {"top1": 50.0, "top5": 90.0, "head": 1, "mid": 2, "tail": 3}
+        return {"avg": avg, "ema_avg": {**avg, "top1": 1.0}}
+
+    cfg = {"train": {"output_dir": str(tmp_path), "epochs": 3, "eval_every": 2, "save_every_epochs": 1,
+                     "checkpoint_formats": "pth"}}
+    progress = tmp_path / STATE_DIR / PROGRESS_FILE
+    accelerator, fail = RunAccelerator(), False
+    kw = dict(evaluate=evaluate, checkpoint=lambda epoch, metrics: _payload(epoch), best_key="avg")
+    run = TrainingRun(accelerator, cfg, FolderLock(accelerator, tmp_path), None, **kw)
+    run.end_epoch({"epoch": 0})  # not due for evaluation
+    assert run.metrics is None and "avg_top1" not in log_lines(tmp_path)[0]
+    assert json.loads(progress.read_text())["epoch"] == 1 and "pending" not in json.loads(progress.read_text())
+    fail = True
+    with pytest.raises(RuntimeError):
+        run.end_epoch({"epoch": 1})
+    assert json.loads(progress.read_text())["pending"] == {"epoch": 1} and len(log_lines(tmp_path)) == 1
+    run.lock.release()
+
+    fail = False
+    run = TrainingRun(accelerator, cfg, FolderLock(accelerator, tmp_path), tmp_path / STATE_DIR, **kw)
+    assert run.start_epoch == 2 and run.start_step(2) == 0
+    run.evaluate_pending_epoch()
+    assert [r["epoch"] for r in log_lines(tmp_path)] == [0, 1] and log_lines(tmp_path)[1]["avg_top1"] == 50.0
+    assert "pending" not in json.loads(progress.read_text()) and run.best == 50.0
+    assert accelerator.printed[-1].startswith("epoch 1: avg:") and "ema_" not in accelerator.printed[-1]
+    run.close(dataset_val=None)
