@@ -220,86 +220,6 @@ def smoke(cfg: dict) -> str:
     return smoke_config(cfg, [("sched", "warmup_epochs"), ("distill", "drw_epoch")])
 
 
-def scaled_lr(cfg: dict, world_size: int) -> float:
-    """DeiT's rule: lr x batch per process x processes / 512 (docs/recipe.md section 2), with
-    the recipe's number of processes when ``train.recipe_processes`` is set."""
-    t = cfg["train"]
-    processes = t["recipe_processes"] or world_size
-    factor = {"reference": t["batch_size"] * processes / 512,
-              "with_accum": t["batch_size"] * processes * t["accum_steps"] / 512,
-              "none": 1.0}[cfg["optim"]["lr_scaling"]]
-    return cfg["optim"]["lr"] * factor
-
-
-def build_model(cfg: dict, num_classes: int) -> tuple[nn.Module, dict]:
-    """The student of ``cfg['model']`` for ``num_classes`` classes, and its arch dict."""
-    m = cfg["model"]
-    arch = student_arch(m["name"], num_classes, img_size=m["img_size"], patch_size=m["patch_size"],
-                        embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-                        mlp_ratio=m["mlp_ratio"])
-    check(arch["img_size"] == cfg["data"]["input_size"], "data.input_size",
-          f"must equal the student's img_size {arch['img_size']}")
-    return build_student(arch, drop_path_rate=m["drop_path"], fused_attn=m["fused_attn"]), arch
-
-
-def build_optimizer(cfg: dict, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer factory: no weight decay on biases, norms, tokens and pos_embed."""
-    o = cfg["optim"]
-    return create_optimizer_v2(model, o["opt"], lr=lr, weight_decay=o["weight_decay"],
-                               eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
-
-
-def build_scheduler(cfg: dict, optimizer) -> CosineLRScheduler:
-    """timm cosine over all epochs, warm-up from warmup_lr not as a prefix (the reference)."""
-    s = cfg["sched"]
-    return CosineLRScheduler(optimizer, t_initial=cfg["train"]["epochs"], lr_min=s["min_lr"],
-                             warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"],
-                             cycle_limit=1, t_in_epochs=True)
-
-
-def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
-    """timm's Mixup/CutMix (with label smoothing of the mixed targets), or None when both are off."""
-    aug = cfg["aug"]
-    if not (aug["mixup"] > 0 or aug["cutmix"] > 0):
-        return None
-    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
-                 switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
-                 label_smoothing=aug["smoothing"], num_classes=num_classes)
-
-
-def check_mixup_batches(cfg: dict, images: int, num_batches: int, accum: int) -> None:
-    """ConfigError, before training, where mixup/cutmix would get a batch of one image: timm's
-    Mixup needs an even batch, so ``train_step`` drops an odd batch's last image, and a batch
-    of one is left empty, whose loss is NaN (a 'non-finite loss' that blames the precision or
-    the lr). ``images``: training images per process per epoch; ``num_batches``: its batches."""
-    aug, t, d = cfg["aug"], cfg["train"], cfg["distill"]
-    if not (aug["mixup"] > 0 or aug["cutmix"] > 0) or (d["no_mixup_drw"] and d["drw_epoch"] == 0):
-        return
-    why = ("mixup/cutmix (aug.mixup, aug.cutmix) mix pairs of images and drop an odd batch's "
-           "last image, which leaves this batch empty")
-    if images < 2:
-        raise ConfigError(f"the training set gives each process {images} image per epoch; {why}: "
-                          f"use at least 2 training images per process, or aug.mixup=0 aug.cutmix=0")
-    if t["batch_size"] == 1:
-        raise ConfigError(f"train.batch_size=1: every batch holds one image; {why}: use "
-                          f"train.batch_size >= 2, or aug.mixup=0 aug.cutmix=0")
-    last = images - (num_batches - 1) * t["batch_size"]
-    used = min(num_batches, loop.steps_per_epoch(num_batches, accum, t["max_steps_per_epoch"]) * accum)
-    if last == 1 and used == num_batches:
-        raise ConfigError(f"each epoch's last batch holds one image ({images} training images per "
-                          f"process, train.batch_size={t['batch_size']}); {why}: set "
-                          f"train.drop_last=true or another train.batch_size")
-
-
-def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """The CLS head's loss: soft-target CE on the mixed (label-smoothed) targets; without mixup
-    and cutmix plain, optionally class-weighted, CE, as the reference (docs/recipe.md section 2:
-    label smoothing only enters through the mixed targets)."""
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(weight=class_weights)
-
-
 def print_schedule(cfg: dict) -> None:
     """``--print-schedule``: a ``#`` header line (peak lr, processes assumed, optimiser steps
     per epoch where known without the data, DRW epoch), then one JSON line per epoch, without
@@ -330,6 +250,15 @@ def print_schedule(cfg: dict) -> None:
         drw = drw_active(epoch, d["drw_epoch"])
         print(json.dumps({"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "drw": drw,
                           "mixup": mixup and not (drw and d["no_mixup_drw"])}))
+
+
+def build_base_criterion(mixup_active: bool, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The CLS head's loss: soft-target CE on the mixed (label-smoothed) targets; without mixup
+    and cutmix plain, optionally class-weighted, CE, as the reference (docs/recipe.md section 2:
+    label smoothing only enters through the mixed targets)."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(weight=class_weights)
 
 
 def train_step(model, criterion, window, optimizer, accelerator, *, mixup_fn=None,
@@ -418,6 +347,77 @@ def train_one_epoch(model, criterion, data_loader, optimizer, accelerator, *, ep
     return {**monitor.epoch_means(), "lr": optimizer.param_groups[0]["lr"], **loop.loss_scale_record(accelerator)}
 
 
+def scaled_lr(cfg: dict, world_size: int) -> float:
+    """DeiT's rule: lr x batch per process x processes / 512 (docs/recipe.md section 2), with
+    the recipe's number of processes when ``train.recipe_processes`` is set."""
+    t = cfg["train"]
+    processes = t["recipe_processes"] or world_size
+    factor = {"reference": t["batch_size"] * processes / 512,
+              "with_accum": t["batch_size"] * processes * t["accum_steps"] / 512,
+              "none": 1.0}[cfg["optim"]["lr_scaling"]]
+    return cfg["optim"]["lr"] * factor
+
+
+def build_model(cfg: dict, num_classes: int) -> tuple[nn.Module, dict]:
+    """The student of ``cfg['model']`` for ``num_classes`` classes, and its arch dict."""
+    m = cfg["model"]
+    arch = student_arch(m["name"], num_classes, img_size=m["img_size"], patch_size=m["patch_size"],
+                        embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
+                        mlp_ratio=m["mlp_ratio"])
+    check(arch["img_size"] == cfg["data"]["input_size"], "data.input_size",
+          f"must equal the student's img_size {arch['img_size']}")
+    return build_student(arch, drop_path_rate=m["drop_path"], fused_attn=m["fused_attn"]), arch
+
+
+def build_optimizer(cfg: dict, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on biases, norms, tokens and pos_embed."""
+    o = cfg["optim"]
+    return create_optimizer_v2(model, o["opt"], lr=lr, weight_decay=o["weight_decay"],
+                               eps=o["opt_eps"], betas=tuple(o["opt_betas"]))
+
+
+def build_scheduler(cfg: dict, optimizer) -> CosineLRScheduler:
+    """timm cosine over all epochs, warm-up from warmup_lr not as a prefix (the reference)."""
+    s = cfg["sched"]
+    return CosineLRScheduler(optimizer, t_initial=cfg["train"]["epochs"], lr_min=s["min_lr"],
+                             warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"],
+                             cycle_limit=1, t_in_epochs=True)
+
+
+def build_mixup(cfg: dict, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (with label smoothing of the mixed targets), or None when both are off."""
+    aug = cfg["aug"]
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0):
+        return None
+    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
+                 switch_prob=aug["mixup_switch_prob"], mode=aug["mixup_mode"],
+                 label_smoothing=aug["smoothing"], num_classes=num_classes)
+
+
+def check_mixup_batches(cfg: dict, images: int, num_batches: int, accum: int) -> None:
+    """ConfigError, before training, where mixup/cutmix would get a batch of one image: timm's
+    Mixup needs an even batch, so ``train_step`` drops an odd batch's last image, and a batch
+    of one is left empty, whose loss is NaN (a 'non-finite loss' that blames the precision or
+    the lr). ``images``: training images per process per epoch; ``num_batches``: its batches."""
+    aug, t, d = cfg["aug"], cfg["train"], cfg["distill"]
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0) or (d["no_mixup_drw"] and d["drw_epoch"] == 0):
+        return
+    why = ("mixup/cutmix (aug.mixup, aug.cutmix) mix pairs of images and drop an odd batch's "
+           "last image, which leaves this batch empty")
+    if images < 2:
+        raise ConfigError(f"the training set gives each process {images} image per epoch; {why}: "
+                          f"use at least 2 training images per process, or aug.mixup=0 aug.cutmix=0")
+    if t["batch_size"] == 1:
+        raise ConfigError(f"train.batch_size=1: every batch holds one image; {why}: use "
+                          f"train.batch_size >= 2, or aug.mixup=0 aug.cutmix=0")
+    last = images - (num_batches - 1) * t["batch_size"]
+    used = min(num_batches, loop.steps_per_epoch(num_batches, accum, t["max_steps_per_epoch"]) * accum)
+    if last == 1 and used == num_batches:
+        raise ConfigError(f"each epoch's last batch holds one image ({images} training images per "
+                          f"process, train.batch_size={t['batch_size']}); {why}: set "
+                          f"train.drop_last=true or another train.batch_size")
+
+
 def check_sharding(accelerator, tcfg: dict) -> None:
     """FSDP1's flat parameters leave no per-parameter shards to keep an EMA beside: refuse
     that combination before any work (FSDP2, ``fsdp_version: 2``, works)."""
@@ -478,47 +478,31 @@ def main(cfg: dict) -> dict:
                                  renormalize=teacher_setup["renormalize"],
                                  teacher_fp32=dcfg["teacher_fp32"]).to(accelerator.device)
 
-    # ------------------------------------------------------------------ resume
-    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg, model_ema)
+    # ------------------------------------------------------------------ resume, evaluation, checkpoints
+    heads = output_names(model)
 
-    def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
-        extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
-                                                          **extra}, model_ema)
+    def evaluate() -> dict:
+        metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, student_outputs,
+                                        dataset_train.groups, num_classes, cfg["log"]["progress"])
+        if tcfg["eval_ema"] and model_ema is not None:  # the same EMA on every process
+            ema_model = model_ema.model(lambda: build_model(cfg, num_classes)[0]).to(accelerator.device)
+            ema_metrics = eval_metrics.evaluate(ema_model, data_loader_val, accelerator, student_outputs,
+                                                dataset_train.groups, num_classes, cfg["log"]["progress"])
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        return metrics
 
-    def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
+    def checkpoint(epoch: int, metrics: dict) -> dict:  # a collective: every process calls it
         state = loop.full_state_dict(accelerator, model)
         ema_state = model_ema.full_state_dict() if model_ema is not None else None
         return make_checkpoint("student", arch, state, ema_state=ema_state, epoch=epoch,
-                               config=cfg, metrics=mets, dataset=dataset_train)
+                               config=cfg, metrics=metrics, dataset=dataset_train)
 
-    def finish_epoch(record: dict) -> dict | None:
-        """Evaluate (when due), log and checkpoint an epoch whose training state is saved."""
-        epoch, metrics = record["epoch"], None
-        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
-            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, student_outputs,
-                                            dataset_train.groups, num_classes, cfg["log"]["progress"])
-            if tcfg["eval_ema"] and model_ema is not None:  # the same EMA on every process
-                ema_model = model_ema.model(lambda: build_model(cfg, num_classes)[0]).to(accelerator.device)
-                ema_metrics = eval_metrics.evaluate(ema_model, data_loader_val, accelerator,
-                                                    student_outputs, dataset_train.groups, num_classes,
-                                                    cfg["log"]["progress"])
-                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line({k: metrics[k] for k in heads})}")
-        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
-                             lambda mets: checkpoint(epoch, mets), key=heads[-1])
-        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
-        trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
-        return metrics
+    run = run_folder.TrainingRun(accelerator, cfg, lock, resume_dir, evaluate=evaluate,
+                                 checkpoint=checkpoint, best_key=heads[-1], model_ema=model_ema)
 
     # ------------------------------------------------------------------ train
-    trackers.start(accelerator, cfg, run_name=out.name)
-    preemption = run_folder.Preemption()
-    heads = output_names(model)
-    metrics = run_state.get("last_metrics")
-    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(run_state.pop("pending"))
-    for epoch in range(run_state["epoch"], tcfg["epochs"]):
+    run.evaluate_pending_epoch()
+    for epoch in range(run.start_epoch, tcfg["epochs"]):
         start = time.time()
         class_weights = drw_weights(dataset_train.train_counts, epoch, dcfg["drw_epoch"], dcfg["drw_beta"])
         drw = class_weights is not None
@@ -534,24 +518,16 @@ def main(cfg: dict) -> dict:
         stats = train_one_epoch(
             model, criterion, data_loader_train, optimizer, accelerator, epoch=epoch, cfg=cfg,
             lr_scheduler=lr_scheduler, mixup_fn=epoch_mixup, class_weights=class_weights,
-            model_ema=model_ema, start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
-            preemption=preemption, save_fn=save_state, feed=feed)
+            model_ema=model_ema, start_step=run.start_step(epoch),
+            preemption=run.preemption, save_fn=run.save_state, feed=feed)
         if stats is None:
-            accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
-            trackers.finish(accelerator)
-            return {"preempted": True}
-        record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
-                  **{f"train_{k}": v for k, v in stats.items()}}
-        if run_folder.state_due(cfg, epoch):  # train.save_every_epochs
-            save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
-        metrics = finish_epoch(record)
-    accelerator.print(f"done: best {heads[-1]} top-1 {run_state['best']} (chosen on the evaluation split: "
+            return run.stop_preempted()
+        run.end_epoch({"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
+                       **{f"train_{k}": v for k, v in stats.items()}})
+    accelerator.print(f"done: best {heads[-1]} top-1 {run.best} (chosen on the evaluation split: "
                       f"{'held-out train images' if cfg['data']['val_holdout'] else 'the test split, as the reference'})")
-    run_folder.plot_best_per_class(accelerator, out, dataset_val)
-    trackers.finish(accelerator)
-    accelerator.end_training()
-    lock.release()
-    return {"metrics": metrics, "best": run_state["best"]}
+    run.close(dataset_val)
+    return {"metrics": run.metrics, "best": run.best}
 
 
 def config_from_args(argv: list[str] | None = None) -> dict:

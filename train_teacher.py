@@ -408,40 +408,22 @@ def main(cfg: dict) -> dict:
                f"rho from optim.rho_schedule {o['rho_schedule']} ({run_rho(cfg)} at epoch 0)")
     accelerator.print(f"teacher {arch} ({n_params / 1e6:.2f}M parameters), loss {lcfg['type']}, SAM {sam}")
 
-    # ------------------------------------------------------------------ resume
-    run_state = run_folder.start_or_resume(accelerator, resume_dir, out, cfg)
+    # ------------------------------------------------------------------ resume, evaluation, checkpoints
+    def evaluate() -> dict:
+        return eval_metrics.evaluate(model, data_loader_val, accelerator, teacher_outputs,
+                                     dataset_train.groups, dataset_train.num_classes, cfg["log"]["progress"])
 
-    def save_state(epoch: int, step: int, pending: dict | None = None) -> None:
-        extra = {"pending": pending} if pending else {}
-        run_folder.save_training_state(accelerator, out, {**run_state, "epoch": epoch, "step": step,
-                                                          **extra})
-
-    def checkpoint(epoch: int, mets: dict) -> dict:  # a collective: every process calls it
+    def checkpoint(epoch: int, metrics: dict) -> dict:  # a collective: every process calls it
         state = loop.full_state_dict(accelerator, model)
-        return make_checkpoint("teacher", arch, state, epoch=epoch, config=cfg, metrics=mets,
+        return make_checkpoint("teacher", arch, state, epoch=epoch, config=cfg, metrics=metrics,
                                dataset=dataset_train)  # a PaCo model is stored as its plain teacher
 
-    def finish_epoch(record: dict) -> dict | None:
-        """Evaluate (when due), log and checkpoint an epoch whose training state is saved."""
-        epoch, metrics = record["epoch"], None
-        if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == tcfg["epochs"]:
-            metrics = eval_metrics.evaluate(model, data_loader_val, accelerator, teacher_outputs,
-                                            dataset_train.groups, dataset_train.num_classes,
-                                            cfg["log"]["progress"])
-            accelerator.print(f"epoch {epoch}: {eval_metrics.summary_line(metrics)}")
-        run_folder.epoch_end(accelerator, out, run_state, record, metrics,
-                             lambda mets: checkpoint(epoch, mets), key="logits")
-        run_folder.mark_epoch_finished(accelerator, out, {**run_state, "epoch": epoch + 1, "step": 0})
-        trackers.log_epoch(accelerator, record, epoch)  # the log.txt record, metrics included
-        return metrics
+    run = run_folder.TrainingRun(accelerator, cfg, lock, resume_dir, evaluate=evaluate,
+                                 checkpoint=checkpoint, best_key="logits")
 
     # ------------------------------------------------------------------ train
-    trackers.start(accelerator, cfg, run_name=out.name)
-    preemption = run_folder.Preemption()
-    metrics = run_state.get("last_metrics")
-    if run_state.get("pending"):  # trained and saved, not evaluated yet (e.g. a bad test image)
-        metrics = finish_epoch(run_state.pop("pending"))
-    for epoch in range(run_state["epoch"], tcfg["epochs"]):
+    run.evaluate_pending_epoch()
+    for epoch in range(run.start_epoch, tcfg["epochs"]):
         start = time.time()
         weight = drw_weights(counts, epoch, lcfg["drw_epoch"], lcfg["drw_beta"])  # None before DRW
         drw = weight is not None
@@ -453,24 +435,15 @@ def main(cfg: dict) -> dict:
             criterion = nn.CrossEntropyLoss(weight=weight)
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, accelerator,
-                                epoch=epoch, cfg=cfg,
-                                start_step=run_state["step"] if epoch == run_state["epoch"] else 0,
-                                preemption=preemption, save_fn=save_state, feed=feed)
+                                epoch=epoch, cfg=cfg, start_step=run.start_step(epoch),
+                                preemption=run.preemption, save_fn=run.save_state, feed=feed)
         if stats is None:
-            accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
-            trackers.finish(accelerator)
-            return {"preempted": True}
-        record = {"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
-                  **{f"train_{k}": v for k, v in stats.items()}}
-        if run_folder.state_due(cfg, epoch):  # train.save_every_epochs
-            save_state(epoch + 1, 0, pending=record)  # before the evaluation: it never costs training
-        metrics = finish_epoch(record)
-    accelerator.print(f"done: best top-1 {run_state['best']}")
-    run_folder.plot_best_per_class(accelerator, out, dataset_val)
-    trackers.finish(accelerator)
-    accelerator.end_training()
-    lock.release()
-    return {"metrics": metrics, "best": run_state["best"]}
+            return run.stop_preempted()
+        run.end_epoch({"epoch": epoch, "drw": drw, "time_s": round(time.time() - start, 1),
+                       **{f"train_{k}": v for k, v in stats.items()}})
+    accelerator.print(f"done: best top-1 {run.best}")
+    run.close(dataset_val)
+    return {"metrics": run.metrics, "best": run.best}
 
 
 def config_from_args(argv: list[str] | None = None) -> dict:

@@ -11,7 +11,8 @@
 - ``engine.posthoc``: evaluate.py's post-hoc rows (logit adjustment, expert combinations),
   calibration and test-prior shift.
 - ``engine.run_folder``: the output folder: lock, resume decision, atomic state saves, log
-  lines, portable checkpoints (.pth and .safetensors), preemption, the best run's plot.
+  lines, portable checkpoints (.pth and .safetensors), preemption, the best run's plot;
+  ``TrainingRun``: what both training scripts do around their epochs.
 - ``engine.trackers``: experiment trackers through accelerate (``log.trackers``).
 
 The training steps themselves live in the scripts (``train_student.train_step``,

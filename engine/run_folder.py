@@ -1,4 +1,5 @@
-"""The run folder (``train.output_dir``): resume decision, state saves, log, checkpoints.
+"""The run folder (``train.output_dir``): resume decision, state saves, log, checkpoints, and
+``TrainingRun``: what both training scripts do around their epochs.
 
 Layout: ``config.yaml`` (the resolved config), ``log.txt`` (one JSON line per epoch, DeiT's
 habit, with the megabytes the epoch wrote as ``saved_mb``), ``checkpoint`` / ``best_checkpoint``
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine import trackers
+from engine.metrics import summary_line
 from errors import CheckpointError, RunFolderError
 from models.checkpoint import save_checkpoint
 from utils import append_json_line, atomic_write_text, disk_full, disk_full_error, save_config, split_spec
@@ -334,7 +337,7 @@ def load_training_state(accelerator, state_dir, output_dir, model_ema=None) -> d
     return progress
 
 
-def mark_epoch_finished(accelerator, output_dir, progress: dict) -> None:
+def clear_pending_epoch(accelerator, output_dir, progress: dict) -> None:
     """After an epoch's evaluation, log line and checkpoints: rewrite the state's progress
     file without the ``pending`` record (the state itself was saved before the evaluation,
     so an evaluation that fails never costs the epoch's training). A state of an earlier
@@ -380,8 +383,8 @@ def checkpoint_formats(choice: str, important: bool) -> tuple[str, ...]:
     return ("pth", "safetensors") if choice == "both" else (choice,)
 
 
-def epoch_end(accelerator, out, progress: dict, record: dict, metrics, checkpoint_fn,
-              key: str) -> bool:
+def write_checkpoints_and_log(accelerator, out, progress: dict, record: dict, metrics, checkpoint_fn,
+                              key: str) -> bool:
     """Write ``checkpoint.*`` (when ``state_due``) and ``best_checkpoint.*``, then log one JSON
     line, with the megabytes the epoch wrote as ``saved_mb``; True if best.
 
@@ -432,6 +435,90 @@ def plot_best_per_class(accelerator, output_dir, dataset) -> None:
         analysis.plot_per_class(Path(output_dir) / "per_class_accuracy.png", per_class,
                                 dataset.train_counts, dataset.groups,
                                 f"{Path(output_dir).name}: best checkpoint on {dataset.split}")
+
+
+class TrainingRun:
+    """What both training scripts do around their epochs, in one place: start or resume the run
+    in its folder, save its state, and end every epoch the same way (``end_epoch``).
+
+    What differs per script comes in as callables: ``evaluate()`` returns ``{name: metrics}`` on
+    the evaluation split (``ema_*`` entries are logged, not printed); ``checkpoint(epoch,
+    metrics)`` the portable checkpoint's payload (a collective: every process calls it).
+    ``best_key`` names the metrics entry whose top-1 picks the best checkpoint. Starting writes
+    config.yaml, starts the trackers and installs the SIGTERM handler (``Preemption``).
+    """
+
+    def __init__(self, accelerator, cfg: dict, lock: FolderLock, resume_dir: Path | None, *,
+                 evaluate, checkpoint, best_key: str, model_ema=None) -> None:
+        self.accelerator, self.cfg, self.lock, self.model_ema = accelerator, cfg, lock, model_ema
+        self.evaluate, self.checkpoint, self.best_key = evaluate, checkpoint, best_key
+        self.out = Path(cfg["train"]["output_dir"])
+        self.progress = start_or_resume(accelerator, resume_dir, self.out, cfg, model_ema)
+        trackers.start(accelerator, cfg, run_name=self.out.name)
+        self.preemption = Preemption()
+        self.metrics = self.progress.get("last_metrics")  # the last evaluation's (None: not evaluated)
+
+    @property
+    def start_epoch(self) -> int:
+        return self.progress["epoch"]
+
+    @property
+    def best(self) -> float | None:
+        """The best checkpoint's top-1 (of ``best_key``) so far."""
+        return self.progress["best"]
+
+    def start_step(self, epoch: int) -> int:
+        """The optimiser step ``epoch`` starts at: where a resumed epoch was saved, else 0."""
+        return self.progress["step"] if epoch == self.progress["epoch"] else 0
+
+    def save_state(self, epoch: int, step: int, pending: dict | None = None) -> None:
+        """The resume state at ``step`` of ``epoch`` (``pending``: an epoch trained but not yet
+        evaluated, logged and checkpointed)."""
+        extra = {"pending": pending} if pending else {}
+        save_training_state(self.accelerator, self.out,
+                            {**self.progress, "epoch": epoch, "step": step, **extra}, self.model_ema)
+
+    def evaluate_pending_epoch(self) -> None:
+        """A resumed run's epoch trained and saved but not evaluated yet (its evaluation,
+        checkpoints or log line were cut short, e.g. by a bad test image): end it now."""
+        if self.progress.get("pending"):
+            self._evaluate_and_record(self.progress.pop("pending"))
+
+    def end_epoch(self, record: dict) -> None:
+        """After an epoch's training (``record``: its log.txt line so far): save the resume
+        state (when ``state_due``; before the evaluation, so an evaluation that fails never
+        costs the training), then evaluate, write the checkpoints and the log line."""
+        epoch = record["epoch"]
+        if state_due(self.cfg, epoch):  # train.save_every_epochs
+            self.save_state(epoch + 1, 0, pending=record)
+        self._evaluate_and_record(record)
+
+    def _evaluate_and_record(self, record: dict) -> None:
+        """Evaluate (every ``train.eval_every`` epochs and after the last), write the
+        checkpoints and the log line, clear the pending record, log to the trackers."""
+        epoch, metrics, t = record["epoch"], None, self.cfg["train"]
+        if (epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]:
+            metrics = self.evaluate()
+            shown = {k: v for k, v in metrics.items() if not k.startswith("ema_")}
+            self.accelerator.print(f"epoch {epoch}: {summary_line(shown)}")
+        write_checkpoints_and_log(self.accelerator, self.out, self.progress, record, metrics,
+                                  lambda mets: self.checkpoint(epoch, mets), key=self.best_key)
+        clear_pending_epoch(self.accelerator, self.out, {**self.progress, "epoch": epoch + 1, "step": 0})
+        trackers.log_epoch(self.accelerator, record, epoch)  # the log.txt record, metrics included
+        self.metrics = metrics
+
+    def stop_preempted(self) -> dict:
+        """After a SIGTERM: the state is saved (by ``train_one_epoch``); say so and stop."""
+        self.accelerator.print("SIGTERM received: state saved, exiting; rerun the same command to resume")
+        trackers.finish(self.accelerator)
+        return {"preempted": True}
+
+    def close(self, dataset_val) -> None:
+        """The end of a finished run: the best checkpoint's per-class plot, trackers, lock."""
+        plot_best_per_class(self.accelerator, self.out, dataset_val)
+        trackers.finish(self.accelerator)
+        self.accelerator.end_training()
+        self.lock.release()
 
 
 def write_init_report(accelerator, output_dir, report: dict) -> None:

@@ -297,12 +297,13 @@ def _payload(epoch: int) -> dict:
             "epoch": epoch, "config": {}, "metrics": {}}
 
 
-def _epoch_end(out: Path, progress: dict, epoch: int, top1: float | None) -> dict:
-    from engine.run_folder import epoch_end
+def _write_epoch(out: Path, progress: dict, epoch: int, top1: float | None) -> dict:
+    from engine.run_folder import write_checkpoints_and_log
 
     record = {"epoch": epoch}
     metrics = None if top1 is None else {"avg": {"top1": top1, "top5": 0, "head": 0, "mid": 0, "tail": 0}}
-    epoch_end(Accelerator(), out, progress, record, metrics, lambda m: _payload(epoch), key="avg")
+    write_checkpoints_and_log(Accelerator(), out, progress, record, metrics, lambda m: _payload(epoch),
+                              key="avg")
     return record
 
 
@@ -319,33 +320,33 @@ def test_checkpoint_formats_and_saved_mb(tmp_path):
     progress = {"best": None, "config": {"train": {"epochs": 3, "save_every_epochs": 1,
                                                    "checkpoint_formats": "auto"}}}
     run_folder._WRITTEN["bytes"] = 2_000_000  # a resume state saved during the epoch
-    record = _epoch_end(tmp_path, progress, 0, 50.0)  # best: both formats, checkpoint.* linked
+    record = _write_epoch(tmp_path, progress, 0, 50.0)  # best: both formats, checkpoint.* linked
     assert _epochs(tmp_path, "best_checkpoint") == _epochs(tmp_path, "checkpoint") == {"pth": 0, "safetensors": 0}
     assert os.path.samefile(tmp_path / "checkpoint.pth", tmp_path / "best_checkpoint.pth")
     best_bytes = sum((tmp_path / f"best_checkpoint.{f}").stat().st_size for f in ("pth", "safetensors"))
     assert record["saved_mb"] == round((2_000_000 + best_bytes) / 1e6, 1)
-    record = _epoch_end(tmp_path, progress, 1, 40.0)  # neither best nor last: .pth only
+    record = _write_epoch(tmp_path, progress, 1, 40.0)  # neither best nor last: .pth only
     assert _epochs(tmp_path, "checkpoint") == {"pth": 1}  # no stale .safetensors of epoch 0
     assert _epochs(tmp_path, "best_checkpoint") == {"pth": 0, "safetensors": 0}
     assert record["saved_mb"] == round((tmp_path / "checkpoint.pth").stat().st_size / 1e6, 1)
     assert json.loads((tmp_path / "log.txt").read_text().splitlines()[1])["saved_mb"] == record["saved_mb"]
-    _epoch_end(tmp_path, progress, 2, 45.0)  # the last: both
+    _write_epoch(tmp_path, progress, 2, 45.0)  # the last: both
     assert _epochs(tmp_path, "checkpoint") == {"pth": 2, "safetensors": 2}
 
     out = tmp_path / "every2"
     progress = {"best": None, "config": {"train": {"epochs": 5, "save_every_epochs": 2,
                                                    "checkpoint_formats": "safetensors"}}}
-    _epoch_end(out, progress, 0, 50.0)  # best, not due: best_checkpoint only
+    _write_epoch(out, progress, 0, 50.0)  # best, not due: best_checkpoint only
     assert _epochs(out, "best_checkpoint") == {"safetensors": 0} and not _epochs(out, "checkpoint")
-    record = _epoch_end(out, progress, 1, 40.0)  # due
+    record = _write_epoch(out, progress, 1, 40.0)  # due
     assert _epochs(out, "checkpoint") == {"safetensors": 1} and record["saved_mb"] > 0
-    assert _epoch_end(out, progress, 2, None)["saved_mb"] == 0.0  # neither due nor evaluated
+    assert _write_epoch(out, progress, 2, None)["saved_mb"] == 0.0  # neither due nor evaluated
 
 
-def test_an_earlier_state_is_not_marked_finished(tmp_path):
+def test_an_earlier_state_keeps_its_pending_epoch(tmp_path):
     """With train.save_every_epochs > 1 an epoch may end without a state: the state of an
     earlier epoch keeps its own progress."""
-    from engine.run_folder import PROGRESS_FILE, mark_epoch_finished, state_due
+    from engine.run_folder import PROGRESS_FILE, clear_pending_epoch, state_due
 
     cfg = {"train": {"epochs": 5, "save_every_epochs": 2}}
     assert [state_due(cfg, e) for e in range(5)] == [False, True, False, True, True]
@@ -353,7 +354,53 @@ def test_an_earlier_state_is_not_marked_finished(tmp_path):
     state.mkdir()
     saved = {"epoch": 2, "step": 0, "pending": {"epoch": 1}}
     (state / PROGRESS_FILE).write_text(json.dumps(saved))
-    mark_epoch_finished(Accelerator(), tmp_path, {"epoch": 3, "step": 0})  # epoch 2 ended, no state
+    clear_pending_epoch(Accelerator(), tmp_path, {"epoch": 3, "step": 0})  # epoch 2 ended, no state
     assert json.loads((state / PROGRESS_FILE).read_text()) == saved
-    mark_epoch_finished(Accelerator(), tmp_path, {"epoch": 2, "step": 0, "pending": {"epoch": 1}})
+    clear_pending_epoch(Accelerator(), tmp_path, {"epoch": 2, "step": 0, "pending": {"epoch": 1}})
     assert json.loads((state / PROGRESS_FILE).read_text()) == {"epoch": 2, "step": 0}
+
+
+def test_training_run_saves_before_evaluating_and_ends_a_pending_epoch_first(tmp_path):
+    """``TrainingRun``, both scripts' epoch bookkeeping: evaluation every train.eval_every
+    epochs and after the last; the state is saved with the epoch pending before its evaluation,
+    so a failed evaluation costs no training, and the resumed run ends that epoch first."""
+    from engine.run_folder import PROGRESS_FILE, STATE_DIR, FolderLock, TrainingRun
+
+    class RunAccelerator(Accelerator):
+        log_with, trackers = None, []
+
+        def save_state(self, folder, **kwargs) -> None:
+            Path(folder).mkdir(parents=True)
+
+        def end_training(self) -> None:
+            pass
+
+    def evaluate() -> dict:
+        if fail:
+            raise RuntimeError("a bad test image")
+        avg = {"top1": 50.0, "top5": 90.0, "head": 1, "mid": 2, "tail": 3}
+        return {"avg": avg, "ema_avg": {**avg, "top1": 1.0}}
+
+    cfg = {"train": {"output_dir": str(tmp_path), "epochs": 3, "eval_every": 2, "save_every_epochs": 1,
+                     "checkpoint_formats": "pth"}}
+    progress = tmp_path / STATE_DIR / PROGRESS_FILE
+    accelerator, fail = RunAccelerator(), False
+    kw = dict(evaluate=evaluate, checkpoint=lambda epoch, metrics: _payload(epoch), best_key="avg")
+    run = TrainingRun(accelerator, cfg, FolderLock(accelerator, tmp_path), None, **kw)
+    run.end_epoch({"epoch": 0})  # not due for evaluation
+    assert run.metrics is None and "avg_top1" not in log_lines(tmp_path)[0]
+    assert json.loads(progress.read_text())["epoch"] == 1 and "pending" not in json.loads(progress.read_text())
+    fail = True
+    with pytest.raises(RuntimeError):
+        run.end_epoch({"epoch": 1})
+    assert json.loads(progress.read_text())["pending"] == {"epoch": 1} and len(log_lines(tmp_path)) == 1
+    run.lock.release()
+
+    fail = False
+    run = TrainingRun(accelerator, cfg, FolderLock(accelerator, tmp_path), tmp_path / STATE_DIR, **kw)
+    assert run.start_epoch == 2 and run.start_step(2) == 0
+    run.evaluate_pending_epoch()
+    assert [r["epoch"] for r in log_lines(tmp_path)] == [0, 1] and log_lines(tmp_path)[1]["avg_top1"] == 50.0
+    assert "pending" not in json.loads(progress.read_text()) and run.best == 50.0
+    assert accelerator.printed[-1].startswith("epoch 1: avg:") and "ema_" not in accelerator.printed[-1]
+    run.close(dataset_val=None)
