@@ -70,10 +70,9 @@ from utils import atomic_write_text, check, git_sha, parse_config, print_config
 
 EVAL_SPEC = {
     "batch_size": (128, "images per process and batch"),
-    "mixed_precision": (None, "null = the checkpoint's train.mixed_precision when it names bf16 or fp16 "
-                              "(its numbers then match its training log), else accelerate's choice "
-                              "(launch flag / config file, else no autocast); logits are cast to fp32 "
-                              "before any argmax or combination", ("no", "bf16", "fp16")),
+    "mixed_precision": (None, "null: the checkpoint's bf16/fp16 training precision, else accelerate's "
+                              "choice; logits are cast to fp32 before any argmax or combination",
+                        ("no", "bf16", "fp16")),
     "tf32": (True, "on CUDA: TF32 matmuls and cudnn.benchmark (as train.tf32); no effect on a CPU"),
     "ema": (False, "evaluate the student's EMA weights (model_ema) instead of model"),
     "analysis": (False, "run the paper's analyses: attention distance, feature rank, agreement"),
@@ -86,9 +85,8 @@ EVAL_SPEC = {
                           "and never holds N x C", str),
     "posthoc": (True, "report the post-hoc rows (logit adjustment, expert combinations), calibration "
                       "(ECE, NLL) and accuracy under shifted test priors"),
-    "tune_list": (None, "split file of the images the post-hoc parameters are tuned on (as data.val_list, "
-                        "under data.root; ImageNet-LT: its official ImageNet_LT_val.txt); null: the "
-                        "checkpoint's data.val_holdout images if it has some, else eval.tune_fraction", str),
+    "tune_list": (None, "split file (as data.val_list) of the images the post-hoc parameters are tuned on, "
+                        "e.g. ImageNet_LT_val.txt; null: the run's hold-out, else eval.tune_fraction", str),
     "tune_fraction": (0.5, "without a tuning list or hold-out: the seeded share of the evaluation images "
                            "the parameters are tuned on; the post-hoc rows are reported on the rest; 0: "
                            "no tuned rows", float),

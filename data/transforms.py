@@ -39,10 +39,8 @@ AUG_SPEC = {
     "reprob": (0.25, "random erasing probability"),
     "remode": ("pixel", "random erasing fill mode", ("pixel", "rand", "const")),
     "recount": (1, "random erasing count"),
-    "gpu_feed": ("auto", "training batches leave the workers as uint8 and are normalised and erased on "
-                         "the device (timm's PrefetchLoader; 4x less CPU-to-device traffic and shared "
-                         "memory, no per-image float work in the workers); 'auto': on when the device is "
-                         "CUDA. The same images and erasing boxes as the float path (data/transforms.py)",
+    "gpu_feed": ("auto", "ship uint8 training batches; normalise and erase them on the device (timm's "
+                         "PrefetchLoader: same images and boxes as the float path); auto: on CUDA",
                  ("auto", "on", "off")),
     "normalize": ("imagenet", "mean/std: 'imagenet' (the reference, also for CIFAR) or 'cifar' "
                               "(the statistics the CIFAR teachers were trained with)", ("imagenet", "cifar")),

@@ -143,7 +143,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, groups: 
 
 @torch.no_grad()
 def stream_evaluation(model, data_loader, accelerator, forward: Callable,
-                      counts: EvalCounts | Sequence[EvalCounts] | None, keep: tuple[str, ...] = (),
+                      counts: EvalCounts | Sequence[EvalCounts] | None, *, keep: tuple[str, ...] = (),
                       desc: str = "eval", progress: bool = True, fp16: tuple[str, ...] = ()) -> dict:
     """Run ``forward(model, images) -> dict of outputs`` over a prepared loader on every process,
     adding each batch to ``counts`` (one or several, on every process).

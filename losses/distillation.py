@@ -145,7 +145,7 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, base_criterion: Callable, teacher: nn.Module | None, distillation_type: str,
-                 alpha: float, tau: float, teacher_input_size: int | Sequence[int] | None = None,
+                 alpha: float, tau: float, *, teacher_input_size: int | Sequence[int] | None = None,
                  class_map: Sequence[int] | None = None,
                  renormalize: Sequence[Sequence[float]] | None = None,
                  teacher_fp32: bool = False) -> None:
