@@ -451,7 +451,7 @@ def syncs_one(args: argparse.Namespace) -> int:
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
     measure("student", lambda: train_student.train_step(
         student, loss, [(images(), labels()), (images(), labels())], s_opt, accelerator,
-        mixup_fn=mixup, model_ema=ema, ema_decays=2))
+        mixup_fn=mixup, model_ema=ema, ema_updates=2))
     write_json(Path(args.out), result)
     return 0
 
