@@ -7,6 +7,9 @@ Reads ``<out>/{deitlt,baseline}_s<seed>/eval.json`` (evaluate.py's JSON) and
 ``{"deitlt": {"seeds": [...], "avg": {"overall": {"mean", "std", "values"}, "head": ..., "mid": ...,
 "tail": ...}, "cls": ..., "dist": ...}, "baseline": {...}, "teacher": {...}, "claims": ..., "meta": ...}``
 and a markdown table ``<name>.md``. The standard deviation is the sample one (n - 1).
+When evaluate.py wrote its post-hoc rows (the default), ``<name>_posthoc.json`` gets, per row,
+the same statistics of top-1 / head / mid / tail / ECE / NLL, with each seed's tuned parameter
+and where it was tuned (the reference's prediction is the row ``avg``).
 """
 from __future__ import annotations
 
@@ -88,8 +91,39 @@ def main() -> None:
     lines += ["", f"avg - baseline avg: overall {c['avg_minus_baseline_overall']['mean']:+.1f} ± "
               f"{c['avg_minus_baseline_overall']['std']:.1f}, tail {c['avg_minus_baseline_tail']['mean']:+.1f} ± "
               f"{c['avg_minus_baseline_tail']['std']:.1f}"]
+    if all("posthoc" in load(f"deitlt_s{s}") for s in args.seeds):
+        lines += ["", posthoc_summary(res_dir, args.name, [load(f"deitlt_s{s}") for s in args.seeds], args.seeds,
+                                      result["meta"])]
     (res_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def posthoc_summary(res_dir: Path, name: str, evals: list[dict], seeds: list[int], meta: dict) -> str:
+    """``<name>_posthoc.json`` (every post-hoc row over the seeds) and its markdown table."""
+    rows: dict = {}
+    for row in evals[0]["posthoc"]:
+        stats = {k: spread([e["posthoc"][row][k] for e in evals]) for k in ("top1", "head", "mid", "tail")}
+        stats.update({k: spread([e["calibration"][row][k] for e in evals]) for k in ("ece", "nll")
+                      if row in evals[0].get("calibration", {})})
+        rows[row] = {**stats, "param": [e["posthoc"][row]["param"] for e in evals],
+                     "tuned_on": evals[0]["posthoc"][row]["tuned_on"]}
+    beats = {row: {"overall": sum(e["posthoc"][row]["top1"] > e["posthoc"]["avg"]["top1"] for e in evals),
+                   "tail": sum(e["posthoc"][row]["tail"] > e["posthoc"]["avg"]["tail"] for e in evals)}
+             for row in rows if row != "avg"}
+    out = {"seeds": seeds, "reported_images": evals[0]["posthoc_images"],
+           "tuning": [e.get("posthoc_tuning") for e in evals], "rows": rows,
+           "seeds_beating_avg": beats, "reference_row": "avg", "meta": meta}
+    (res_dir / f"{name}_posthoc.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"Post-hoc rows (DeiT-LT student, {len(seeds)} seeds, each on {out['reported_images']} test images; "
+             f"tuned parameters chosen on the other {evals[0]['num_samples'] - out['reported_images']}):", "",
+             "| row | tuned on | top-1 | head | mid | tail | ECE | seeds beating avg (overall / tail) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, s in rows.items():
+        b = beats.get(row)
+        lines.append(f"| {row} | {s['tuned_on']} | " + " | ".join(f"{s[k]['mean']:.1f} ± {s[k]['std']:.1f}"
+                     for k in ("top1", "head", "mid", "tail", "ece") if k in s)
+                     + f" | {'-' if b is None else str(b['overall']) + ' / ' + str(b['tail'])} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
