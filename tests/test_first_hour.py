@@ -73,11 +73,14 @@ def test_batch_size_beyond_the_training_set_is_refused(own_data, capsys):
     import contextlib
     from types import SimpleNamespace
 
+    import torch
+
     from engine.loop import build_loaders
     from errors import ConfigError
 
     accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext, is_main_process=True,
-                                  process_index=0, num_processes=1, print=print, prepare=lambda x: x)
+                                  process_index=0, num_processes=1, print=print, prepare=lambda x: x,
+                                  device=torch.device("cpu"))
 
     cfg = config(train_student, ["data.dataset=generic", f"data.path={own_data}", "data.image_column=img",
                                  "distill.type=none", "data.num_workers=0", "data.input_size=8",
