@@ -49,7 +49,7 @@ def test_both_scripts_schedule_drw_with_the_one_predicate(script, monkeypatch, c
     cfg["train"]["epochs"] = 4
     monkeypatch.setattr(module, "drw_active", lambda epoch, drw_epoch: epoch % 2 == 1)
     module.print_schedule(cfg)
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert [line["drw"] for line in lines] == [False, True, False, True]
 
 
