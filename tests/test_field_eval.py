@@ -228,3 +228,39 @@ def test_tuning_split_sources(tmp_path):
     assert tuned_on == "tune_split" and len(tune) == 1 and len(report) == 8
     cfg["eval"].update(tune_fraction=0.0)
     assert tuning_split(cfg, dataset_val, 0.0, None, 2, 3, quiet) == (None, dataset_val, "none")
+
+
+def test_benchmark_summary_writes_the_posthoc_file(field_run, tmp_path):
+    """bench/summarize.py (the claim benchmark's last step) turns the DeiT-LT student's evaluation
+    into <name>_posthoc.json: every row with its calibration, where it was tuned, the image counts,
+    and which rows beat the reference's avg; the table is appended to <name>.md."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = field_run["json"]
+    four = {"top1": 50.0, "head": 60.0, "mid": 50.0, "tail": 40.0}
+    evals = {"teacher": {"logits": four}, "deitlt": r,
+             "baseline": {"prediction": "avg", "heads": ["cls", "dist", "avg"], "cls": four, "dist": four, "avg": four}}
+    for run, e in evals.items():
+        (tmp_path / "out" / run).mkdir(parents=True)
+        (tmp_path / "out" / run / "eval.json").write_text(json.dumps(e))
+        (tmp_path / "out" / run / "log.txt").write_text(json.dumps({"time_s": 1.0}) + "\n")
+    (tmp_path / "out" / "deitlt" / "eval").symlink_to(field_run["out"])  # the benchmark's --out-dir
+    proc = subprocess.run([sys.executable, str(root / "bench" / "summarize.py"), "--out", str(tmp_path / "out"),
+                           "--name", "bench", "--results", str(tmp_path / "res")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "res" / "bench_posthoc.json").read_text())
+    assert out["reference_row"] == "avg" and out["reported_images"] == 19 and out["evaluated_images"] == 37
+    assert out["tuning"] == r["posthoc_tuning"] and out["test_priors"] == r["test_priors"]
+    assert list(out["rows"]) == list(r["posthoc"])
+    for name, row in out["rows"].items():
+        assert row == {**r["posthoc"][name], **r["calibration"][name]}
+    avg = r["posthoc"]["avg"]
+    for name, b in out["beats_avg"].items():
+        assert b == {"overall": r["posthoc"][name]["top1"] > avg["top1"], "tail": r["posthoc"][name]["tail"] > avg["tail"]}
+    assert out["rows_beating_avg_overall_and_tail"] == [n for n, b in out["beats_avg"].items() if all(b.values())]
+    table = (tmp_path / "res" / "bench.md").read_text()
+    assert "Post-hoc rows of the DeiT-LT student on 19 test images" in table and "| temp_avg | tune_split |" in table
+    assert (tmp_path / "res" / "bench_reliability.png").is_file()
