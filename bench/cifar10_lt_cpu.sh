@@ -2,7 +2,9 @@
 # DeiT-LT's central claim measured on CPU: on CIFAR-10-LT IF100 from a local copy, train the
 # CPU teacher (ResNet-32 LDAM-DRW + SAM), the DeiT-LT student distilled from it, and the same
 # student without a teacher for the same epochs and DRW schedule; evaluate all three and write
-# bench/results/<NAME>.{json,md} plus the experts plot.
+# bench/results/<NAME>.{json,md} plus the experts plot, and the student's post-hoc rows (logit
+# adjustment, expert combinations, calibration, test priors) as <NAME>_posthoc.json with its
+# reliability diagram.
 #   bash bench/cifar10_lt_cpu.sh                 # the README's result; DATA=../shared/data/cifar10-jpeg
 #   bash bench/cifar10_lt_cpu.sh train.epochs=10 -- distill.drw_epoch=9
 #       # arguments before `--` go to the teacher, after it to both students; they are applied
@@ -13,7 +15,8 @@
 # was found by measurement (bench/results/cifar10_lt_cpu_schedules.md). Evaluation during
 # training is thinned out (it does not change what is trained); the final checkpoint is what
 # evaluate.py scores. A run whose eval.json exists is skipped, so an interrupted benchmark
-# continues where it stopped. About 80-90 minutes on 2 CPU cores.
+# continues where it stopped. About 80-90 minutes on 2 quiet CPU cores (134 min measured on a
+# host half as fast: bench/results/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10-jpeg}

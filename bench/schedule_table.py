@@ -17,7 +17,9 @@ RUNS = [  # (results stem, what changed against the row above)
     ("cifar10_lt_cpu_teacher25", "teacher 25 epochs (DRW and lr x0.1 at 18, x0.01 at 23); baseline reused"),
     ("cifar10_lt_cpu_student16", "current code (teacher retrained, same 25 epochs); students 16 epochs, "
                                  "DRW + no-mixup from 10 (6 DRW epochs instead of 3)"),
-    ("cifar10_lt_cpu", "students 20 epochs, DRW + no-mixup from 12 (8 DRW epochs)"),
+    ("cifar10_lt_cpu_cb4e5b3", "students 20 epochs, DRW + no-mixup from 12 (8 DRW epochs)"),
+    ("cifar10_lt_cpu", "the same schedule rerun from scratch by the script on later code (teacher retrained); "
+                       "the current result"),
 ]
 
 
